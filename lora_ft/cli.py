@@ -1,0 +1,68 @@
+"""`lora-ft` entry point. Imports stay light here so `lora-ft --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .commands import eval as eval_cmd
+from .commands import models, predict, train
+
+COMMANDS = {"train": train, "eval": eval_cmd, "predict": predict, "models": models}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-ft", description="LoRA/QLoRA fine-tuning from YAML recipes")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in COMMANDS.values():
+        mod.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = make_parser().parse_known_args(argv)
+    return run_command(args, rest)
+
+
+def run_command(args, rest: list[str]) -> int:
+    from .errors import LoraFtError, RecipeError
+
+    if args.command != "models":
+        _quiet_libraries()
+    try:
+        return COMMANDS[args.command].run(args, rest) or 0
+    except RecipeError as e:
+        for line in e.problems:
+            print(f"lora-ft: error: {line}", file=sys.stderr)
+        return 2
+    except LoraFtError as e:
+        print(f"lora-ft: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lora-ft: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    """Library chatter that is harmless and would bury our own messages."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:  # load reports list the freshly initialised head, which lora_ft reports itself in one line
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Loading a finished run dir for inference, and classification predictions over texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .config import Recipe, load_run_recipe
+from .runs import require_run_dir
+
+
+def load_run(run_dir: str | Path):
+    """(model in eval mode, tokenizer, recipe) for a run dir: base model + adapter, or a full model."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from .modeling import fix_pad_token, load_model
+    from .tasks import auto_class, get_task
+
+    p = require_run_dir(run_dir)
+    recipe = load_run_recipe(p)
+    a = recipe.args
+    task = get_task(a.task)
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=a.trust_remote_code)
+    fix_pad_token(tok)
+    extra = task.label_kwargs(a.labels) if a.labels and hasattr(task, "label_kwargs") else {}
+    if (p / "adapter_config.json").is_file():
+        model, _ = load_model(a, auto_class(task), training=False, **extra)
+        task.setup_model(model, tok)
+        model = PeftModel.from_pretrained(model, str(p))
+    else:  # use_peft: false wrote a whole model
+        from dataclasses import replace
+
+        model, _ = load_model(replace(a, model_name_or_path=str(p), load_in_4bit=False, load_in_8bit=False), auto_class(task), training=False)
+    model.eval()
+    return model, tok, recipe
+
+
+def classify(model, tok, texts: list[str], recipe: Recipe, batch_size: int = 32, pairs: Optional[list[str]] = None) -> list[dict]:
+    """One {"text", "label", "score", "scores"} per text, in input order."""
+    import torch
+
+    names = [model.config.id2label[i] for i in range(len(model.config.id2label))] if not recipe.args.labels else list(recipe.args.labels)
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        pair = pairs[i : i + batch_size] if pairs else None
+        enc = tok(chunk, pair, truncation=True, max_length=recipe.args.max_length, padding=True, return_tensors="pt").to(device)
+        with torch.no_grad():
+            probs = model(**enc).logits.float().softmax(-1).cpu()
+        for text, row in zip(chunk, probs):
+            j = int(row.argmax())
+            out.append({"text": text, "label": names[j], "score": round(float(row[j]), 6),
+                        "scores": {n: round(float(v), 6) for n, v in zip(names, row.tolist())}})
+    return out
+
+
+def read_texts(path: str, column: str = "text") -> list[str]:
+    """Texts from a .txt (one per line), .csv, .json or .jsonl file."""
+    from .data import EXTENSIONS, _read_file
+    from .errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--input {path}: file not found")
+    if p.suffix.lower() == ".txt":
+        try:
+            return [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except UnicodeDecodeError:
+            raise DataError(f"--input {path}: not UTF-8; re-save the file as UTF-8") from None
+    if p.suffix.lower() not in EXTENSIONS:
+        raise DataError(f"--input {path}: use .txt, .csv, .json or .jsonl")
+    ds = _read_file(p, "input")
+    if column not in ds.column_names:
+        raise DataError(f"--input {path}: no column '{column}' (columns: {', '.join(ds.column_names)}); pass --text_column")
+    return [str(t) for t in ds[column]]
+
+
+def batched(items: Iterable, n: int):
+    batch = []
+    for x in items:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

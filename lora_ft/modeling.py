@@ -1,0 +1,169 @@
+"""Loading tokenizers and models, quantization and LoRA configs, and the pad-token fix.
+
+Factories return library objects (BitsAndBytesConfig, LoraConfig) or None, as trl's scripts do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from .builtin_models import resolve_model_path
+from .errors import LoraFtError
+
+# Head modules a sequence classifier adds on top of its backbone, by architecture family.
+HEAD_NAMES = ("score", "classifier", "pre_classifier")
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
+
+
+def check_weights_safe(path: str, allow_pickle: bool) -> None:
+    """Refuse a local folder that only has pickled weights unless the recipe allows it."""
+    p = Path(path)
+    if not p.is_dir() or allow_pickle:
+        return
+    has_safe = any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").exists()
+    has_pickle = any(p.glob("*.bin")) or any(p.glob("*.pt"))
+    if has_pickle and not has_safe:
+        raise LoraFtError(
+            f"{path}: only pickled .bin weights (can run code when loaded); convert to safetensors or set allow_pickle: true"
+        )
+
+
+def load_tokenizer(args):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(args.model_name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LoraFtError(f"model_name_or_path: cannot load a tokenizer from '{args.model_name_or_path}' ({_first_line(e)})") from None
+    fix_pad_token(tok)
+    if args.chat_template:
+        tok.chat_template = args.chat_template
+    return tok
+
+
+def fix_pad_token(tok) -> None:
+    """GPT-2 and many Llama tokenizers ship without a pad token; batching needs one."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+
+
+def quantization_config(args, skip_modules: tuple[str, ...] = ()):
+    """A BitsAndBytesConfig for load_in_4bit / load_in_8bit, else None."""
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules) or None)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=_dtype(args.bnb_4bit_compute_dtype),
+        bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
+        # Heads stay full precision: they are trained fully and must survive save/merge.
+        llm_int8_skip_modules=list(skip_modules) or None,
+    )
+
+
+def load_model(args, auto_class, training: bool = True, **model_kwargs):
+    """Load the base model. Returns (model, newly_initialized_module_names)."""
+    import torch
+
+    path = resolve_model_path(args.model_name_or_path)
+    check_weights_safe(path, args.allow_pickle)
+    kw = dict(model_kwargs)
+    kw["trust_remote_code"] = args.trust_remote_code
+    kw["dtype"] = _dtype(args.dtype)
+    kw["use_safetensors"] = None if args.allow_pickle else True
+    if args.attn_implementation:
+        kw["attn_implementation"] = args.attn_implementation
+    qc = quantization_config(args, skip_modules=HEAD_NAMES)
+    if qc is not None:
+        kw["quantization_config"] = qc
+        if torch.cuda.is_available():
+            kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    try:
+        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kw)
+    except (OSError, ValueError) as e:
+        raise LoraFtError(f"model_name_or_path: cannot load '{args.model_name_or_path}' ({_first_line(e)})") from None
+    new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
+    return model, new_modules
+
+
+def new_top_modules(model, new_param_modules: list[str]) -> list[str]:
+    """Module names (as peft's modules_to_save expects: a name suffix) whose weights were freshly initialized."""
+    names = set()
+    for full in new_param_modules:
+        parts = full.split(".")
+        # Heads live at the top (score, classifier) or one level down (bert.pooler.dense -> pooler).
+        if parts[0] in HEAD_NAMES:
+            names.add(parts[0])
+        elif len(parts) >= 2:
+            names.add(parts[1])
+        else:
+            names.add(parts[0])
+    return sorted(names)
+
+
+def lora_config(args, task_type: str, modules_to_save: list[str]):
+    if not args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    targets = args.lora_target_modules or "all-linear"
+    return LoraConfig(
+        task_type=task_type,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        # Freshly initialised modules are trained fully, never adapted: LoRA on random weights learns nothing useful.
+        exclude_modules=list(modules_to_save) or None,
+        modules_to_save=list(modules_to_save) or None,  # peft appends to this list: hand it a copy
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+        init_lora_weights=args.init_lora_weights,
+        bias="none",
+    )
+
+
+def attach_peft(model, args, task_type: str, modules_to_save: list[str], gradient_checkpointing: bool = False):
+    """Wrap `model` with LoRA (preparing a k-bit base first), or return it unchanged for full fine-tuning."""
+    if not args.use_peft:
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if args.load_in_4bit or args.load_in_8bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if args.adapter_name_or_path:
+        return load_adapter_for_training(model, args.adapter_name_or_path)
+    return get_peft_model(model, lora_config(args, task_type, modules_to_save))
+
+
+def load_adapter_for_training(model, adapter_path: str):
+    from peft import PeftModel
+
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise LoraFtError(f"adapter_name_or_path: {adapter_path} has no adapter_config.json; pass a lora_ft run dir")
+    return PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

@@ -1,0 +1,199 @@
+"""Sequence classification: encoders (BERT, MiniLM) and decoders (GPT-2, Llama) with a trained, saved head."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..data import apply_column_map, check_columns, load_splits, split_off_eval, take
+from ..errors import DataError
+from ..metrics import classification_report, softmax
+
+AUTO_CLASS = "AutoModelForSequenceClassification"
+PEFT_TASK_TYPE = "SEQ_CLS"
+
+
+@dataclass
+class PreparedData:
+    train: Any  # tokenized datasets.Dataset
+    eval: Any
+    label_names: list[str]
+    eval_texts: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    train_tokens: int = 0  # non-pad tokens in one pass over train
+
+
+def _is_empty(v) -> bool:
+    return v is None or (isinstance(v, str) and not v.strip())
+
+
+def _drop_empty(ds, cols: list[str], where: str, notes: list[str]):
+    before = len(ds)
+    ds = ds.filter(lambda row: not any(_is_empty(row[c]) for c in cols), desc=f"dropping empty rows ({where})")
+    if len(ds) < before:
+        notes.append(f"{where}: dropped {before - len(ds)} empty row(s)")
+    if len(ds) == 0:
+        raise DataError(f"{where}: no rows left after dropping empty ones; check text_column/label_column")
+    return ds
+
+
+def label_names_for(train, label_column: str, labels: Optional[list]) -> list[str]:
+    if labels is not None:
+        return [str(x) for x in labels]
+    values = set(train[label_column])
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return [str(v) for v in sorted(values)]
+    return sorted(str(v) for v in values)
+
+
+def encode_labels(ds, label_column: str, names: list[str], where: str):
+    """Map label values (names, or integer ids into `names`) to ids; anything outside the set is an error."""
+    index = {n: i for i, n in enumerate(names)}
+
+    def to_id(v):
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            if str(v) in index:
+                return index[str(v)]
+            if 0 <= int(v) < len(names):
+                return int(v)
+            return None
+        return index.get(str(v).strip(), None)
+
+    ids = [to_id(v) for v in ds[label_column]]
+    bad = sorted({str(v) for v, i in zip(ds[label_column], ids) if i is None})
+    if bad:
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise DataError(f"{label_column} in {where}: label(s) {shown} not in labels [{', '.join(names)}]; add them to `labels:` or fix the data")
+    return ds.remove_columns([c for c in ["labels"] if c in ds.column_names]).add_column("labels", ids)
+
+
+def prepare_data(recipe, tokenizer) -> PreparedData:
+    a = recipe.args
+    seed = recipe.trainer.get("seed", 42)
+    train, eval_ds, note = load_splits(a.dataset_name, a.train_split, a.eval_split, a.dataset_config)
+    notes = [note] if note else []
+    train = apply_column_map(train, a.column_map, f"{a.dataset_name} [{a.train_split}]")
+    cols = {"text_column": a.text_column, "text_pair_column": a.text_pair_column, "label_column": a.label_column}
+    check_columns(train, cols, f"{a.dataset_name} [{a.train_split}]")
+    used = [c for c in (a.text_column, a.text_pair_column, a.label_column) if c]
+    train = _drop_empty(train, used, "train", notes)
+    names = label_names_for(train, a.label_column, a.labels)
+    train = encode_labels(train, a.label_column, names, f"{a.dataset_name} [{a.train_split}]")
+    if a.eval_split and eval_ds is None:
+        train, eval_ds = split_off_eval(train, a.eval_size, seed, stratify_by=None)
+        notes.append(f"no '{a.eval_split}' split: held out {len(eval_ds)} train rows (eval_size={a.eval_size}, seed={seed})")
+    elif eval_ds is not None:
+        eval_ds = apply_column_map(eval_ds, a.column_map, f"{a.dataset_name} [{a.eval_split}]")
+        check_columns(eval_ds, cols, f"{a.dataset_name} [{a.eval_split}]")
+        eval_ds = _drop_empty(eval_ds, used, "eval", notes)
+        eval_ds = encode_labels(eval_ds, a.label_column, names, f"{a.dataset_name} [{a.eval_split}]")
+    train = take(train, a.max_train_samples, seed)
+    if eval_ds is not None:
+        eval_ds = take(eval_ds, a.max_eval_samples, seed)
+    eval_texts = list(eval_ds[a.text_column]) if eval_ds is not None else []
+    train_tok = tokenize(train, tokenizer, a)
+    eval_tok = tokenize(eval_ds, tokenizer, a) if eval_ds is not None else None
+    train_tokens = int(sum(len(x) for x in train_tok["input_ids"]))
+    return PreparedData(train_tok, eval_tok, names, eval_texts, notes, train_tokens)
+
+
+def tokenize(ds, tokenizer, a):
+    def fn(batch):
+        pair = batch[a.text_pair_column] if a.text_pair_column else None
+        return tokenizer(batch[a.text_column], pair, truncation=True, max_length=a.max_length)
+
+    keep = {"labels"}
+    return ds.map(fn, batched=True, remove_columns=[c for c in ds.column_names if c not in keep], desc="tokenizing")
+
+
+def model_kwargs(data: PreparedData) -> dict:
+    return label_kwargs(data.label_names)
+
+
+def label_kwargs(label_names: list[str]) -> dict:
+    return {
+        "num_labels": len(label_names),
+        "id2label": {i: n for i, n in enumerate(label_names)},
+        "label2id": {n: i for i, n in enumerate(label_names)},
+    }
+
+
+def setup_model(model, tokenizer) -> None:
+    """Decoder classifiers find the last real token through pad_token_id: it must be in the config."""
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def compute_metrics(eval_pred) -> dict:
+    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    preds = np.asarray(logits).argmax(-1)
+    from sklearn.metrics import accuracy_score, f1_score
+
+    labels = eval_pred.label_ids
+    return {"accuracy": float(accuracy_score(labels, preds)), "macro_f1": float(f1_score(labels, preds, average="macro"))}
+
+
+def build_trainer(model, tokenizer, training_args, data: PreparedData, callbacks):
+    from transformers import DataCollatorWithPadding, Trainer
+
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+    )
+
+
+def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
+    """Full report on the eval split: metrics JSON, confusion matrix PNG, predictions JSONL."""
+    from ..plots import plot_confusion_matrix
+
+    out = trainer.predict(data.eval, metric_key_prefix="eval")
+    logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
+    probs = softmax(np.asarray(logits, dtype=np.float64))
+    preds = probs.argmax(-1)
+    report = classification_report(out.label_ids, preds, data.label_names)
+    if trainer.is_world_process_zero():
+        with open(run_dir / "eval_predictions.jsonl", "w", encoding="utf-8") as fh:
+            for text, y, p, pr in zip(data.eval_texts, out.label_ids, preds, probs):
+                fh.write(json.dumps({"text": text, "label": data.label_names[int(y)], "pred": data.label_names[int(p)],
+                                     "score": float(pr[p])}, ensure_ascii=False) + "\n")
+        (run_dir / "confusion_matrix.json").write_text(json.dumps(report["confusion_matrix"], indent=2))
+        plot_confusion_matrix(report["confusion_matrix"], run_dir / "confusion_matrix.png")
+    metrics = {"eval_loss": out.metrics.get("eval_loss"), "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"],
+               "eval_per_class": report["per_class"], "eval_samples": len(preds)}
+    return metrics
+
+
+def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
+    """`lora-ft eval`: metrics of a trained run on a split of any dataset with the recipe's columns."""
+    from ..inference import classify
+
+    a = recipe.args
+    split = split or a.eval_split or "test"
+    train, eval_ds, _ = load_splits(a.dataset_name, split, split, a.dataset_config)
+    ds = eval_ds if eval_ds is not None else train  # a lone file is the data to score
+    where = f"{a.dataset_name} [{split}]"
+    ds = apply_column_map(ds, a.column_map, where)
+    check_columns(ds, {"text_column": a.text_column, "text_pair_column": a.text_pair_column, "label_column": a.label_column}, where)
+    used = [c for c in (a.text_column, a.text_pair_column, a.label_column) if c]
+    ds = _drop_empty(ds, used, where, [])
+    ds = take(ds, a.max_eval_samples, recipe.trainer.get("seed", 42))
+    ds = encode_labels(ds, a.label_column, list(a.labels), where)
+    texts = [str(t) for t in ds[a.text_column]]
+    pairs = [str(t) for t in ds[a.text_pair_column]] if a.text_pair_column else None
+    preds = classify(model, tok, texts, recipe, pairs=pairs)
+    index = {n: i for i, n in enumerate(a.labels)}
+    report = classification_report(ds["labels"], [index[p["label"]] for p in preds], list(a.labels))
+    return {"eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"], "eval_per_class": report["per_class"],
+            "eval_confusion_matrix": report["confusion_matrix"], "eval_samples": len(preds), "dataset": a.dataset_name, "split": split}

@@ -1,0 +1,122 @@
+"""One training run, top to bottom: recipe -> data -> model -> trainer -> run dir with metrics and plots."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from .config import Recipe, save_recipe, trainer_args_class
+from .errors import RecipeError
+from .hardware import bf16_supported, cuda_available, peak_memory_mb, reset_peak_memory
+from .modeling import attach_peft, count_parameters, load_model, load_tokenizer, new_top_modules
+from .runs import METRICS_FILE, check_output_dir, write_json
+from .tasks import auto_class, get_task
+
+
+def resolve_hardware(recipe: Recipe) -> None:
+    """Fill the machine-dependent keys the recipe left out: bf16 where the hardware has it, CPU when no GPU."""
+    t = recipe.trainer
+    if "bf16" not in t and not t.get("fp16"):
+        t["bf16"] = bf16_supported()
+    if "use_cpu" not in t:
+        t["use_cpu"] = not cuda_available()
+
+
+def build_training_args(recipe: Recipe):
+    cls = trainer_args_class(recipe.args.task)
+    kwargs = dict(recipe.trainer)
+    if recipe.args.task == "causal-lm":
+        kwargs["max_length"] = recipe.args.max_length
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise RecipeError([f"trainer arguments: {str(e).strip().splitlines()[0]}"]) from None
+
+
+def log(trainer_args, msg: str) -> None:
+    if trainer_args.process_index == 0:
+        print(f"[lora_ft] {msg}", flush=True)
+
+
+def train(recipe: Recipe) -> Path:
+    a = recipe.args
+    task = get_task(a.task)
+    run_dir = Path(recipe.trainer["output_dir"])
+    check_output_dir(run_dir, recipe)
+    resolve_hardware(recipe)
+    targs = build_training_args(recipe)
+
+    tokenizer = load_tokenizer(a)
+    data = task.prepare_data(recipe, tokenizer)
+    for note in data.notes:
+        log(targs, note)
+    if hasattr(data, "label_names"):
+        a.labels = data.label_names  # the saved recipe records label order: ids mean the same at serving time
+
+    model, new_params = load_model(a, auto_class(task), **task.model_kwargs(data))
+    task.setup_model(model, tokenizer)
+    modules_to_save = sorted(set(a.lora_modules_to_save or []) | set(new_top_modules(model, new_params)))
+    model = attach_peft(model, a, task.PEFT_TASK_TYPE, modules_to_save, targs.gradient_checkpointing)
+    trainable, total = count_parameters(model)
+    world = targs.world_size
+    per_step = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world
+    steps = math.ceil(len(data.train) / per_step) * math.ceil(targs.num_train_epochs) if targs.max_steps <= 0 else targs.max_steps
+    log(targs, f"model {a.model_name_or_path}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
+        + (f"; fully trained: {', '.join(modules_to_save)}" if modules_to_save and a.use_peft else ""))
+    log(targs, f"{len(data.train)} train / {len(data.eval) if data.eval is not None else 0} eval examples; "
+        f"{per_step} examples per step ({targs.per_device_train_batch_size} x {targs.gradient_accumulation_steps} accum x {world} proc); "
+        f"~{steps} steps; bf16={targs.bf16} device={targs.device}")
+
+    trainer = task.build_trainer(model, tokenizer, targs, data, callbacks=[])
+    reset_peak_memory()
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=_resume_arg(recipe, run_dir))
+    runtime = time.time() - started
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer.save_model(str(run_dir))
+    if trainer.is_world_process_zero():
+        # The trainer pickles its arguments here; the resolved recipe holds them, and run dirs stay pickle-free.
+        (run_dir / "training_args.bin").unlink(missing_ok=True)
+    metrics = _train_metrics(result, trainer, data, runtime, world)
+    if data.eval is not None:
+        metrics.update(task.final_eval(trainer, data, run_dir))
+    metrics["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(run_dir))
+        save_recipe(recipe, run_dir)
+        write_json(run_dir / METRICS_FILE, metrics)
+        write_json(run_dir / "log_history.json", trainer.state.log_history)
+        from .plots import plot_loss_curve
+
+        plot_loss_curve(trainer.state.log_history, run_dir / "loss_curve.png")
+        summary = {k: metrics[k] for k in metrics if k.startswith("eval_") and isinstance(metrics[k], float)}
+        log(targs, f"saved run dir {run_dir}  " + "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+    return run_dir
+
+
+def _resume_arg(recipe: Recipe, run_dir: Path):
+    r = recipe.trainer.get("resume_from_checkpoint")
+    if r in (None, False, "false", "False", ""):
+        return None
+    if r in (True, "true", "True"):
+        return True if any(run_dir.glob("checkpoint-*")) else None
+    return r
+
+
+def _train_metrics(result, trainer, data, runtime: float, world: int) -> dict:
+    m = dict(result.metrics)
+    state = trainer.state
+    args = trainer.args
+    seen = min(state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+               math.ceil(args.num_train_epochs) * len(data.train))
+    tokens = data.train_tokens * seen / max(1, len(data.train))
+    m["train_tokens_per_second"] = round(tokens / max(m.get("train_runtime", runtime), 1e-9), 2)
+    m["train_examples"] = len(data.train)
+    m["world_size"] = world
+    m["global_step"] = state.global_step
+    before = [h for h in state.log_history if h.get("step") == 0 and any(k.startswith("eval_") for k in h)]
+    if before:
+        m.update({f"{k}_before": v for k, v in before[0].items() if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")})
+    return m
