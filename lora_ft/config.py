@@ -60,6 +60,7 @@ class LoraFtArguments:
     column_map: dict = _f({}, "rename columns before use, e.g. {instruction: prompt}")
     chat_template: Optional[str] = _f(None, "Jinja chat template; default: the tokenizer's own")
     system_prompt: Optional[str] = _f(None, "system turn added to every chat example (and at generation)")
+    use_chat_template: Optional[bool] = _f(None, "format turns with the chat template; default: yes when the data has turns and the tokenizer a template")
     source_template: Optional[str] = _f(None, "seq2seq source, e.g. 'question: {question} context: {context}'")
     target_column: Optional[str] = _f(None, "seq2seq target column; SQuAD-style `answers` works directly")
     max_target_length: int = _f(64, "seq2seq target tokens")
@@ -97,6 +98,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "train_sampling_strategy": "group_by_length",  # similar lengths per batch: less padding
     "seed": 42,
     "disable_tqdm": False,
+    "gradient_checkpointing": False,  # trl turns it on; a LoRA step on a small model is ~30% faster without
+    "predict_with_generate": True,  # seq2seq only: eval metrics (EM/F1/ROUGE) need generated text
 }
 # Keys whose value is decided from the machine when the recipe leaves them out (see resolve_hardware).
 AUTO_KEYS = ("bf16", "use_cpu")
@@ -121,7 +124,7 @@ def trainer_args_class(task: str):
 
 
 # Keys that exist in the trainer class too but lora_ft owns: ours wins, and we pass it on where it applies.
-SHARED_KEYS = {"max_length"}
+SHARED_KEYS = {"max_length", "trust_remote_code"}
 
 
 @dataclass

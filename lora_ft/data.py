@@ -67,6 +67,9 @@ def load_splits(dataset_name: str, train_split: str, eval_split: Optional[str], 
         if not files:
             raise DataError(f"{path}: no data files (.csv, .json, .jsonl, .parquet) in this folder")
         train_file = _find_split(files, train_split)
+        if train_file is None and len(files) == 1:  # one file in a folder: it is the training data
+            (only,) = files.values()
+            return _read_file(only, "train"), None, f"{only.name} used as the train split"
         if train_file is None:
             raise DataError(f"{path}: no '{train_split}' file (found: {', '.join(files)}); set train_split to one of them")
         train = _read_file(train_file, "train")

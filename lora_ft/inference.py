@@ -86,3 +86,58 @@ def batched(items: Iterable, n: int):
             batch = []
     if batch:
         yield batch
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = set()
+    gc = getattr(model, "generation_config", None)
+    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return sorted(ids)
+
+
+def render_prompt(tok, prompt, chat: bool, system_prompt: Optional[str] = None) -> list[int]:
+    """Token ids of a prompt exactly as training saw prompts: through the chat template, or plain."""
+    if chat:
+        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if system_prompt and msgs[0]["role"] != "system":
+            msgs = [{"role": "system", "content": system_prompt}] + msgs
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) else []
+    return bos + tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def generate_texts(model, tok, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0, chat: bool = False,
+                   system_prompt: Optional[str] = None, seed: int = 0) -> list[dict]:
+    """Greedy at temperature 0. Returns {"completion", "stopped"} per prompt; stopped = ended on EOS/end-of-turn."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    encdec = getattr(model.config, "is_encoder_decoder", False)
+    results = []
+    torch.manual_seed(seed)
+    for p in prompts:  # one at a time: no padding, so outputs do not depend on batch composition
+        if encdec:
+            ids = tok(p, truncation=True, return_tensors="pt")["input_ids"].to(device)
+        else:
+            ids = torch.tensor([render_prompt(tok, p, chat, system_prompt)], device=device)
+        kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        kw.update(do_sample=True, temperature=temperature) if temperature > 0 else kw.update(do_sample=False)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+        new = out[0] if encdec else out[0, ids.shape[1]:]
+        new = [t for t in new.tolist() if not (encdec and t == pad)] if encdec else new.tolist()
+        stopped = any(t in eos for t in new)
+        if stopped:
+            new = new[: next(i for i, t in enumerate(new) if t in eos)]
+        results.append({"completion": tok.decode(new, skip_special_tokens=True).strip(), "stopped": stopped})
+    if was_training:
+        model.train()
+    return results

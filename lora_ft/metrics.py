@@ -29,3 +29,71 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+# ---- text generation metrics (SQuAD v1.1 official normalisation)
+
+
+def normalize_answer(s: str) -> str:
+    """Lowercase, drop punctuation and articles, collapse whitespace: the official SQuAD evaluation rules."""
+    import re
+    import string
+
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    return float(max((normalize_answer(prediction) == normalize_answer(r)) for r in references))
+
+
+def _f1(pred_tokens: list[str], ref_tokens: list[str]) -> float:
+    from collections import Counter
+
+    common = Counter(pred_tokens) & Counter(ref_tokens)
+    same = sum(common.values())
+    if not pred_tokens or not ref_tokens:
+        return float(pred_tokens == ref_tokens)
+    if same == 0:
+        return 0.0
+    p, r = same / len(pred_tokens), same / len(ref_tokens)
+    return 2 * p * r / (p + r)
+
+
+def token_f1(prediction: str, references: Sequence[str]) -> float:
+    return max(_f1(normalize_answer(prediction).split(), normalize_answer(r).split()) for r in references)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F-measure on lowercased whitespace tokens (LCS based), best over references."""
+
+    def lcs(a, b):
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+
+    best = 0.0
+    p = prediction.lower().split()
+    for ref in references:
+        r = ref.lower().split()
+        n = lcs(p, r)
+        if n:
+            prec, rec = n / len(p), n / len(r)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
+
+def qa_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+    """Mean exact match, F1 and ROUGE-L (as percentages for EM/F1, like the official script)."""
+    n = max(len(predictions), 1)
+    return {
+        "exact_match": 100.0 * sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
+        "f1": 100.0 * sum(token_f1(p, r) for p, r in zip(predictions, references)) / n,
+        "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
+    }

@@ -28,6 +28,8 @@ def build_training_args(recipe: Recipe):
     kwargs = dict(recipe.trainer)
     if recipe.args.task == "causal-lm":
         kwargs["max_length"] = recipe.args.max_length
+    if recipe.args.task == "seq2seq":
+        kwargs.setdefault("generation_max_length", recipe.args.generation_max_new_tokens)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -40,6 +42,8 @@ def log(trainer_args, msg: str) -> None:
 
 
 def train(recipe: Recipe) -> Path:
+    from transformers import set_seed
+
     a = recipe.args
     task = get_task(a.task)
     run_dir = Path(recipe.trainer["output_dir"])
@@ -54,6 +58,9 @@ def train(recipe: Recipe) -> Path:
     if hasattr(data, "label_names"):
         a.labels = data.label_names  # the saved recipe records label order: ids mean the same at serving time
 
+    # The fresh head and the LoRA matrices are initialised here, before the Trainer seeds: seed now, or the
+    # same recipe and seed give a different run each time.
+    set_seed(targs.seed)
     model, new_params = load_model(a, auto_class(task), **task.model_kwargs(data))
     task.setup_model(model, tokenizer)
     modules_to_save = sorted(set(a.lora_modules_to_save or []) | set(new_top_modules(model, new_params)))

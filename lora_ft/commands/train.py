@@ -8,10 +8,19 @@ HELP = "fine-tune a model from a YAML recipe; --key value overrides any recipe k
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help=HELP, description=HELP)
-    p.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/)")
+    # RECIPE is read from the leftover arguments rather than declared: a declared optional positional takes the
+    # value of the first `--key value` override (`lora-ft train --model_name_or_path m ...` read m as the recipe).
+    p = sub.add_parser("train", help=HELP, description=HELP, usage="lora-ft train [-h] [--help-keys] [RECIPE] [--key value ...]",
+                       epilog="RECIPE: YAML recipe (see recipes/); without one, the overrides must give every required key")
     p.add_argument("--help-keys", action="store_true", help="list every lora_ft recipe key with its default")
     return p
+
+
+def split_recipe(rest: list[str]) -> tuple[str | None, list[str]]:
+    """(recipe path or None, overrides): the recipe is the first argument when it is not a --key."""
+    if rest and not rest[0].startswith("-"):
+        return rest[0], rest[1:]
+    return None, rest
 
 
 def run(args, overrides: list[str]) -> int:
@@ -24,11 +33,14 @@ def run(args, overrides: list[str]) -> int:
         for k, v in TRAINER_DEFAULTS.items():
             print(f"{k:28s} {v}")
         return 0
-    if not args.recipe and not overrides:
-        raise SystemExit("lora-ft train: give a recipe file, e.g. `lora-ft train recipes/quickstart.yaml`")
     from ..config import load_recipe
+    from ..errors import RecipeError
+
+    path, overrides = split_recipe(overrides)
+    if not path and not overrides:
+        raise RecipeError(["train: give a recipe file, e.g. `lora-ft train recipes/quickstart.yaml`"])
     from ..train import train
 
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(path, overrides)
     train(recipe)
     return 0

@@ -10,6 +10,8 @@ import importlib
 
 _MODULES = {
     "sequence-classification": "lora_ft.tasks.classification",
+    "causal-lm": "lora_ft.tasks.causal_lm",
+    "seq2seq": "lora_ft.tasks.seq2seq",
 }
 
 

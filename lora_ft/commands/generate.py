@@ -1,0 +1,42 @@
+"""`lora-ft generate RUN_DIR --prompt TEXT [--prompt ...] [--max_new_tokens N] [--temperature T]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "generate with a causal-LM or seq2seq run; one JSON line {prompt, completion} per prompt"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help=HELP, description=HELP)
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); a chat run wraps it as one user turn")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run(args, overrides: list[str]) -> int:
+    from ..errors import LoraFtError
+    from ..inference import generate_texts, load_run
+
+    if overrides:
+        raise LoraFtError(f"generate: unknown option(s) {' '.join(overrides)}; see `lora-ft generate --help`")
+    if not args.prompt:
+        raise LoraFtError("generate: no input; pass --prompt TEXT")
+    if args.max_new_tokens <= 0 or args.temperature < 0:
+        raise LoraFtError("generate: --max_new_tokens must be positive and --temperature >= 0")
+    model, tok, recipe = load_run(args.run_dir)
+    a = recipe.args
+    if a.task == "sequence-classification":
+        raise LoraFtError(f"generate: {args.run_dir} is a classification run; use `lora-ft predict`")
+    prompts = args.prompt
+    if a.task == "seq2seq" and a.source_template and "{" in a.source_template:
+        prompts = [p for p in prompts]  # a seq2seq prompt is the full source text, as the template rendered it
+    outs = generate_texts(model, tok, prompts, args.max_new_tokens, args.temperature, chat=bool(a.use_chat_template),
+                          system_prompt=a.system_prompt, seed=args.seed)
+    for p, o in zip(args.prompt, outs):
+        print(json.dumps({"prompt": p, "completion": o["completion"]}, ensure_ascii=False), flush=True)
+    return 0

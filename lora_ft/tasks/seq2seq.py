@@ -1,0 +1,163 @@
+"""Seq2seq (T5 family): source built from a template over columns, target from a column, generation at eval.
+
+SQuAD-style `answers` ({"text": [...], "answer_start": [...]}) works as a target column directly: the
+first answer is trained on, all answers are references for exact match / F1.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..data import apply_column_map, check_columns, load_splits, split_off_eval, take
+from ..errors import DataError
+from ..metrics import qa_scores
+
+AUTO_CLASS = "AutoModelForSeq2SeqLM"
+PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
+
+
+@dataclass
+class PreparedData:
+    train: Any
+    eval: Any
+    eval_sources: list = field(default_factory=list)
+    eval_references: list = field(default_factory=list)  # list of acceptable answers per eval example
+    notes: list = field(default_factory=list)
+    train_tokens: int = 0
+
+
+def template_columns(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def references(value) -> list[str]:
+    """Acceptable answers: a SQuAD answers dict, a list, or one string."""
+    if isinstance(value, dict) and "text" in value:
+        return [str(t) for t in value["text"]]
+    if isinstance(value, list):
+        return [str(t) for t in value]
+    return [str(value)]
+
+
+def source_of(row: dict, a) -> str:
+    return a.source_template.format(**row) if a.source_template else str(row[a.text_column])
+
+
+def _check(ds, a, where: str) -> None:
+    cols = {"target_column": a.target_column}
+    if a.source_template:
+        cols.update({f"source_template field {{{c}}}": c for c in template_columns(a.source_template)})
+    else:
+        cols["text_column"] = a.text_column
+    check_columns(ds, cols, where)
+
+
+def _rows(ds, a, where: str, notes: list):
+    before = len(ds)
+    ds = ds.filter(lambda r: bool(references(r[a.target_column])) and references(r[a.target_column])[0].strip() != "")
+    if len(ds) < before:
+        notes.append(f"{where}: dropped {before - len(ds)} row(s) without a target")
+    if len(ds) == 0:
+        raise DataError(f"{where}: no rows with a non-empty {a.target_column}")
+    return ds
+
+
+def tokenize(ds, tok, a):
+    def fn(row):
+        enc = tok(source_of(row, a), truncation=True, max_length=a.max_length)
+        enc["labels"] = tok(text_target=references(row[a.target_column])[0], truncation=True, max_length=a.max_target_length)["input_ids"]
+        return enc
+
+    return ds.map(fn, remove_columns=ds.column_names, desc="tokenizing")
+
+
+def prepare_data(recipe, tok) -> PreparedData:
+    a = recipe.args
+    if not a.target_column:
+        raise DataError("target_column: required for task seq2seq (e.g. answers for SQuAD)")
+    seed = recipe.trainer.get("seed", 42)
+    train, eval_ds, note = load_splits(a.dataset_name, a.train_split, a.eval_split, a.dataset_config)
+    notes = [note] if note else []
+    train = apply_column_map(train, a.column_map, "train")
+    _check(train, a, f"{a.dataset_name} [{a.train_split}]")
+    train = _rows(train, a, "train", notes)
+    if a.eval_split and eval_ds is None:
+        train, eval_ds = split_off_eval(train, a.eval_size, seed)
+        notes.append(f"no '{a.eval_split}' split: held out {len(eval_ds)} train rows (eval_size={a.eval_size}, seed={seed})")
+    elif eval_ds is not None:
+        eval_ds = apply_column_map(eval_ds, a.column_map, "eval")
+        _check(eval_ds, a, f"{a.dataset_name} [{a.eval_split}]")
+        eval_ds = _rows(eval_ds, a, "eval", notes)
+    train = take(train, a.max_train_samples, seed)
+    srcs, refs = [], []
+    if eval_ds is not None:
+        eval_ds = take(eval_ds, a.max_eval_samples, seed)
+        srcs = [source_of(r, a) for r in eval_ds]
+        refs = [references(r[a.target_column]) for r in eval_ds]
+    train_tok = tokenize(train, tok, a)
+    eval_tok = tokenize(eval_ds, tok, a) if eval_ds is not None else None
+    n = int(sum(len(x) + len(y) for x, y in zip(train_tok["input_ids"], train_tok["labels"])))
+    return PreparedData(train_tok, eval_tok, srcs, refs, notes, n)
+
+
+def model_kwargs(data) -> dict:
+    return {}
+
+
+def setup_model(model, tok) -> None:
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+
+
+def _decode(tok, ids) -> list[str]:
+    import numpy as np
+
+    ids = np.where(np.asarray(ids) < 0, tok.pad_token_id, ids)
+    return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+
+
+def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
+
+    def compute_metrics(eval_pred):
+        preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        return qa_scores(_decode(tok, preds), data.eval_references[: len(preds)])
+
+    return Seq2SeqTrainer(
+        model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tok,
+        data_collator=DataCollatorForSeq2Seq(tok, model=model, pad_to_multiple_of=8),
+        compute_metrics=compute_metrics if training_args.predict_with_generate else None, callbacks=callbacks,
+    )
+
+
+def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
+    out = trainer.predict(data.eval, metric_key_prefix="eval")
+    preds = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
+    texts = _decode(trainer.processing_class, preds) if trainer.args.predict_with_generate else []
+    m = {"eval_loss": out.metrics.get("eval_loss"), "eval_samples": len(data.eval)}
+    if texts:
+        m.update({f"eval_{k}": v for k, v in qa_scores(texts, data.eval_references).items()})
+        if trainer.is_world_process_zero():
+            with open(run_dir / "eval_predictions.jsonl", "w", encoding="utf-8") as fh:
+                for s, p, r in zip(data.eval_sources, texts, data.eval_references):
+                    fh.write(json.dumps({"source": s, "prediction": p, "references": r}, ensure_ascii=False) + "\n")
+    return m
+
+
+def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
+    """`lora-ft eval` for a seq2seq run: EM / F1 / ROUGE-L of greedy generations on a split."""
+    from ..inference import generate_texts
+
+    a = recipe.args
+    split = split or a.eval_split or "test"
+    train, eval_ds, _ = load_splits(a.dataset_name, split, split, a.dataset_config)
+    ds = apply_column_map(eval_ds if eval_ds is not None else train, a.column_map, split)
+    _check(ds, a, f"{a.dataset_name} [{split}]")
+    ds = take(_rows(ds, a, split, []), a.max_eval_samples, recipe.trainer.get("seed", 42))
+    outs = generate_texts(model, tok, [source_of(r, a) for r in ds], max_new_tokens=a.generation_max_new_tokens)
+    scores = qa_scores([o["completion"] for o in outs], [references(r[a.target_column]) for r in ds])
+    return {**{f"eval_{k}": v for k, v in scores.items()}, "eval_samples": len(ds), "dataset": a.dataset_name, "split": split}
