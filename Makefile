@@ -28,6 +28,7 @@ quickstart: setup
 bench: setup
 	$(BIN)/pytest -q -m slow
 	$(BIN)/python benchmarks/cls_tweets.py
+	$(BIN)/python benchmarks/sft_smollm2.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -88,14 +88,36 @@ def batched(items: Iterable, n: int):
         yield batch
 
 
-def _eos_ids(model, tok) -> list[int]:
+def _eos_ids(model, tok, chat: bool = False) -> list[int]:
     ids = set()
     gc = getattr(model, "generation_config", None)
     eos = getattr(gc, "eos_token_id", None) if gc is not None else None
     ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
+    turn_end = end_of_turn_id(tok) if chat else None
+    if turn_end is not None:
+        ids.add(turn_end)
     return sorted(ids)
+
+
+def end_of_turn_id(tok) -> Optional[int]:
+    """The token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>), or None.
+
+    Training labels that token, so generation must stop on it, also where the tokenizer's eos is another token
+    (a base model given a chat template in the recipe: eos <|endoftext|>, turns closed by <|im_end|>).
+    """
+    msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    try:
+        head = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) + "y"
+        full = tok.apply_chat_template(msgs, tokenize=False)
+    except Exception:  # jinja errors: a template that insists on a system turn, say; then the eos alone stops
+        return None
+    if not full.startswith(head):
+        return None
+    ids = tok(full[len(head):].strip(), add_special_tokens=False)["input_ids"]
+    # Only an added (special) token is a reliable stop; a template closing turns with plain text has none.
+    return ids[0] if ids and ids[0] in getattr(tok, "added_tokens_decoder", {}) else None
 
 
 def render_prompt(tok, prompt, chat: bool, system_prompt: Optional[str] = None) -> list[int]:
@@ -111,21 +133,23 @@ def render_prompt(tok, prompt, chat: bool, system_prompt: Optional[str] = None) 
 
 
 def generate_texts(model, tok, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0, chat: bool = False,
-                   system_prompt: Optional[str] = None, seed: int = 0) -> list[dict]:
-    """Greedy at temperature 0. Returns {"completion", "stopped"} per prompt; stopped = ended on EOS/end-of-turn."""
+                   system_prompt: Optional[str] = None, seed: int = 0, max_length: Optional[int] = None) -> list[dict]:
+    """Greedy at temperature 0. Returns {"completion", "stopped"} per prompt; stopped = ended on EOS/end-of-turn.
+
+    max_length: encoder-decoder sources are cut there, as training cut them (the recipe's max_length)."""
     import torch
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    eos = _eos_ids(model, tok)
+    eos = _eos_ids(model, tok, chat)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     encdec = getattr(model.config, "is_encoder_decoder", False)
     results = []
     torch.manual_seed(seed)
     for p in prompts:  # one at a time: no padding, so outputs do not depend on batch composition
         if encdec:
-            ids = tok(p, truncation=True, return_tensors="pt")["input_ids"].to(device)
+            ids = tok(p, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"].to(device)
         else:
             ids = torch.tensor([render_prompt(tok, p, chat, system_prompt)], device=device)
         kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)

@@ -66,8 +66,17 @@ def token_f1(prediction: str, references: Sequence[str]) -> float:
     return max(_f1(normalize_answer(prediction).split(), normalize_answer(r).split()) for r in references)
 
 
+def _rouge_tokens(s: str) -> list[str]:
+    """Tokens as rouge_score's default tokenizer makes them (lowercase runs of letters and digits; everything else
+    separates), except that non-ASCII letters count as letters, so "Beyoncé" or a Chinese answer is not dropped.
+    Splitting on whitespace kept punctuation on words: "Denver." did not match "Denver"."""
+    import re
+
+    return re.findall(r"[^\W_]+", s.lower())
+
+
 def rouge_l(prediction: str, references: Sequence[str]) -> float:
-    """ROUGE-L F-measure on lowercased whitespace tokens (LCS based), best over references."""
+    """ROUGE-L F-measure (LCS based) on rouge_score's tokens, best over references."""
 
     def lcs(a, b):
         prev = [0] * (len(b) + 1)
@@ -79,9 +88,9 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
         return prev[-1]
 
     best = 0.0
-    p = prediction.lower().split()
+    p = _rouge_tokens(prediction)
     for ref in references:
-        r = ref.lower().split()
+        r = _rouge_tokens(ref)
         n = lcs(p, r)
         if n:
             prec, rec = n / len(p), n / len(r)

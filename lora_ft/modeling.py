@@ -14,6 +14,9 @@ from .errors import LoraFtError
 
 # Head modules a sequence classifier adds on top of its backbone, by architecture family.
 HEAD_NAMES = ("score", "classifier", "pre_classifier")
+# Kept in full precision when quantizing. Naming any skip module drops transformers' own default (the output
+# head), so the LM head is named too: a 4-bit lm_head breaks trl's logit kernels and costs quality for nothing.
+QUANT_SKIP = HEAD_NAMES + ("lm_head",)
 
 
 def _dtype(name: str):
@@ -87,7 +90,7 @@ def load_model(args, auto_class, training: bool = True, **model_kwargs):
     kw["use_safetensors"] = None if args.allow_pickle else True
     if args.attn_implementation:
         kw["attn_implementation"] = args.attn_implementation
-    qc = quantization_config(args, skip_modules=HEAD_NAMES)
+    qc = quantization_config(args, skip_modules=QUANT_SKIP)
     if qc is not None:
         kw["quantization_config"] = qc
         if torch.cuda.is_available():

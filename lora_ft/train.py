@@ -50,6 +50,9 @@ def train(recipe: Recipe) -> Path:
     check_output_dir(run_dir, recipe)
     resolve_hardware(recipe)
     targs = build_training_args(recipe)
+    from transformers import set_seed
+
+    set_seed(targs.seed)  # before the model loads: a fresh head's init must be reproducible too
 
     tokenizer = load_tokenizer(a)
     data = task.prepare_data(recipe, tokenizer)

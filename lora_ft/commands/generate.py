@@ -32,11 +32,9 @@ def run(args, overrides: list[str]) -> int:
     a = recipe.args
     if a.task == "sequence-classification":
         raise LoraFtError(f"generate: {args.run_dir} is a classification run; use `lora-ft predict`")
-    prompts = args.prompt
-    if a.task == "seq2seq" and a.source_template and "{" in a.source_template:
-        prompts = [p for p in prompts]  # a seq2seq prompt is the full source text, as the template rendered it
-    outs = generate_texts(model, tok, prompts, args.max_new_tokens, args.temperature, chat=bool(a.use_chat_template),
-                          system_prompt=a.system_prompt, seed=args.seed)
+    # A seq2seq prompt is the whole source text, as source_template rendered it in training (cut at max_length).
+    outs = generate_texts(model, tok, args.prompt, args.max_new_tokens, args.temperature, chat=bool(a.use_chat_template),
+                          system_prompt=a.system_prompt, seed=args.seed, max_length=a.max_length)
     for p, o in zip(args.prompt, outs):
         print(json.dumps({"prompt": p, "completion": o["completion"]}, ensure_ascii=False), flush=True)
     return 0

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from ..data import apply_column_map, load_splits, split_off_eval, take
 from ..errors import DataError
+from ..trainers import ordered_eval
 
 AUTO_CLASS = "AutoModelForCausalLM"
 PEFT_TASK_TYPE = "CAUSAL_LM"
@@ -33,6 +34,7 @@ class PreparedData:
     eval_prompts: list = field(default_factory=list)  # (prompt messages or text, reference) for logged generations
     notes: list = field(default_factory=list)
     train_tokens: int = 0
+    max_new_tokens: int = 64  # recipe generation_max_new_tokens, for the logged generations
 
 
 def detect_format(columns: list[str], requested: str) -> str:
@@ -99,7 +101,9 @@ def encode_chat(tok, messages: list[dict], max_length: int) -> dict:
         upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
         if not upto.startswith(prefix):
             raise DataError("chat_template: rendering is not prefix-stable across turns; assistant-only loss needs one that is")
-        spans.append((len(prefix), len(upto)))
+        # The span ends with the end-of-turn token: whitespace a template writes after it ("<|im_end|>\n") belongs
+        # to the layout between turns, and the model must learn to stop at the token, not to write a newline.
+        spans.append((len(prefix), len(upto.rstrip())))
     full = tok.apply_chat_template(messages, tokenize=False)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
     labels = [tid if any(s <= a and b <= e and b > a for s, e in spans) else -100
@@ -149,6 +153,24 @@ def _drop_empty(ds, cols, where, notes):
     return ds
 
 
+def _require_columns(ds, fmt: str, where: str) -> None:
+    missing = [c for c in REQUIRED[fmt] if c not in ds.column_names]
+    if missing:
+        raise DataError(f"dataset_format {fmt}: column(s) {', '.join(missing)} missing in {where} "
+                        f"(columns: {', '.join(ds.column_names)}); use column_map")
+
+
+def _check_chat(fmt: str, chat: bool, tok) -> None:
+    """Format / template combinations that would otherwise fail mid-tokenization with a bare KeyError."""
+    if chat and not getattr(tok, "chat_template", None):
+        raise DataError("use_chat_template: the tokenizer has no chat template; set chat_template in the recipe")
+    if fmt == "messages" and not chat:
+        raise DataError("dataset_format messages: turns are laid out by a chat template; set chat_template in the recipe "
+                        "(the tokenizer has none) and leave use_chat_template on")
+    if fmt == "text" and chat:
+        raise DataError("use_chat_template: text data has no turns to lay out; drop it, or use prompt-completion data")
+
+
 def prepare_data(recipe, tok) -> PreparedData:
     a = recipe.args
     seed = recipe.trainer.get("seed", 42)
@@ -156,20 +178,19 @@ def prepare_data(recipe, tok) -> PreparedData:
     notes = [note] if note else []
     train = apply_column_map(train, a.column_map, "train")
     fmt = detect_format(train.column_names, a.dataset_format)
-    missing = [c for c in REQUIRED[fmt] if c not in train.column_names]
-    if missing:
-        raise DataError(f"dataset_format {fmt}: column(s) {', '.join(missing)} missing (columns: {', '.join(train.column_names)}); use column_map")
+    _require_columns(train, fmt, "train")
     a.dataset_format = fmt
     chat = uses_chat(fmt, tok, a.use_chat_template)
+    _check_chat(fmt, chat, tok)
     a.use_chat_template = chat
-    if chat and not getattr(tok, "chat_template", None):
-        raise DataError("use_chat_template: the tokenizer has no chat template; set chat_template in the recipe")
     train = _drop_empty(train, REQUIRED[fmt], "train", notes)
     if a.eval_split and eval_ds is None:
         train, eval_ds = split_off_eval(train, a.eval_size, seed)
         notes.append(f"no '{a.eval_split}' split: held out {len(eval_ds)} train rows (eval_size={a.eval_size}, seed={seed})")
     elif eval_ds is not None:
-        eval_ds = _drop_empty(apply_column_map(eval_ds, a.column_map, "eval"), REQUIRED[fmt], "eval", notes)
+        eval_ds = apply_column_map(eval_ds, a.column_map, "eval")
+        _require_columns(eval_ds, fmt, "eval")
+        eval_ds = _drop_empty(eval_ds, REQUIRED[fmt], "eval", notes)
     train = take(train, a.max_train_samples, seed)
     eval_ds = take(eval_ds, a.max_eval_samples, seed) if eval_ds is not None else None
     prompts = []
@@ -180,7 +201,7 @@ def prepare_data(recipe, tok) -> PreparedData:
     train_tok = _encode_split(train, tok, fmt, chat, a, "train", notes)
     eval_tok = _encode_split(eval_ds, tok, fmt, chat, a, "eval", notes) if eval_ds is not None else None
     n_tokens = int(sum(len(x) for x in train_tok["input_ids"]))
-    return PreparedData(train_tok, eval_tok, prompts, notes, n_tokens)
+    return PreparedData(train_tok, eval_tok, prompts, notes, n_tokens, a.generation_max_new_tokens)
 
 
 def model_kwargs(data) -> dict:
@@ -201,12 +222,12 @@ def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
     from trl import SFTTrainer
 
     if data.eval_prompts:
-        callbacks = list(callbacks) + [_generation_logger(tok, data.eval_prompts, training_args)]
-    return SFTTrainer(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
+        callbacks = list(callbacks) + [_generation_logger(tok, data.eval_prompts, data.max_new_tokens)]
+    return ordered_eval(SFTTrainer)(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
                       processing_class=tok, callbacks=callbacks)
 
 
-def _generation_logger(tok, prompts, targs):
+def _generation_logger(tok, prompts, max_new_tokens: int):
     from transformers import TrainerCallback
 
     class LogGenerations(TrainerCallback):
@@ -217,7 +238,7 @@ def _generation_logger(tok, prompts, targs):
                 return
             from ..inference import generate_texts
 
-            outs = generate_texts(model, tok, [p for p, _ in prompts], max_new_tokens=48, chat=isinstance(prompts[0][0], list))
+            outs = generate_texts(model, tok, [p for p, _ in prompts], max_new_tokens, chat=isinstance(prompts[0][0], list))
             path = Path(args.output_dir) / GENERATIONS_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as fh:
@@ -247,6 +268,7 @@ def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
     split = split or a.eval_split or "test"
     train, eval_ds, _ = load_splits(a.dataset_name, split, split, a.dataset_config)
     ds = apply_column_map(eval_ds if eval_ds is not None else train, a.column_map, split)
+    _require_columns(ds, a.dataset_format, split)
     ds = take(_drop_empty(ds, REQUIRED[a.dataset_format], split, []), a.max_eval_samples, recipe.trainer.get("seed", 42))
     enc = _encode_split(ds, tok, a.dataset_format, bool(a.use_chat_template), a, split, [])
     total, count = 0.0, 0

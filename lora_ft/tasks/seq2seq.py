@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from ..data import apply_column_map, check_columns, load_splits, split_off_eval, take
 from ..errors import DataError
+from ..trainers import ordered_eval
 from ..metrics import qa_scores
 
 AUTO_CLASS = "AutoModelForSeq2SeqLM"
@@ -127,7 +128,7 @@ def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
         preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
         return qa_scores(_decode(tok, preds), data.eval_references[: len(preds)])
 
-    return Seq2SeqTrainer(
+    return ordered_eval(Seq2SeqTrainer)(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tok,
         data_collator=DataCollatorForSeq2Seq(tok, model=model, pad_to_multiple_of=8),
         compute_metrics=compute_metrics if training_args.predict_with_generate else None, callbacks=callbacks,
@@ -158,6 +159,7 @@ def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
     ds = apply_column_map(eval_ds if eval_ds is not None else train, a.column_map, split)
     _check(ds, a, f"{a.dataset_name} [{split}]")
     ds = take(_rows(ds, a, split, []), a.max_eval_samples, recipe.trainer.get("seed", 42))
-    outs = generate_texts(model, tok, [source_of(r, a) for r in ds], max_new_tokens=a.generation_max_new_tokens)
+    outs = generate_texts(model, tok, [source_of(r, a) for r in ds], max_new_tokens=a.generation_max_new_tokens,
+                          max_length=a.max_length)
     scores = qa_scores([o["completion"] for o in outs], [references(r[a.target_column]) for r in ds])
     return {**{f"eval_{k}": v for k, v in scores.items()}, "eval_samples": len(ds), "dataset": a.dataset_name, "split": split}

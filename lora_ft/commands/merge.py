@@ -1,0 +1,38 @@
+"""`lora-ft merge RUN_DIR --output merged/ [--dtype bfloat16] [--inputs FILE] [--force]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "merge a run's adapter into its full-precision base, verified against the adapter model"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("merge", help=HELP, description=HELP)
+    p.add_argument("run_dir")
+    p.add_argument("--output", required=True, help="folder for the merged model (written atomically)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--inputs", help="texts to verify on (.txt one per line, .csv/.jsonl with a text column); "
+                   "default: the run's own eval inputs")
+    p.add_argument("--force", action="store_true", help="keep the merged model even if verification fails")
+    return p
+
+
+def run(args, overrides: list[str]) -> int:
+    from ..errors import LoraFtError
+    from ..inference import read_texts
+    from ..merge import MergeCheckFailed, merge_run
+
+    if overrides:
+        raise LoraFtError(f"merge: unknown option(s) {' '.join(overrides)}; see `lora-ft merge --help`")
+    texts = read_texts(args.inputs) if args.inputs else None
+    try:
+        report = merge_run(args.run_dir, args.output, dtype=args.dtype, force=args.force, inputs=texts)
+    except MergeCheckFailed as e:
+        print(f"lora-ft: error: {e}", file=__import__("sys").stderr)
+        return 1
+    check = report["adapter_vs_merged"]
+    print(json.dumps({"status": report["status"], "output": report["output"], "max_abs_logit_diff": check["max_abs_logit_diff"],
+                      "argmax_agreement": check["argmax_agreement"], "metric": report["metric"]}, indent=2))
+    return 0

@@ -1,0 +1,202 @@
+"""Verified merge: adapter + full-precision base -> one plain model, checked numerically before it is kept.
+
+The base is always reloaded in full precision, also for QLoRA runs: merging into 4-bit weights is the known
+source of degraded merged models. The merged model is compared with the adapter model on held-out inputs
+(max |logit| difference, argmax agreement, the task metric both ways); outside tolerance nothing is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from .config import RECIPE_FILE, load_run_recipe
+from .errors import LoraFtError
+from .runs import require_run_dir, write_json
+
+REPORT_FILE = "merge_report.json"
+N_VERIFY = 64
+# (atol, rtol) on logits by saved dtype; agreement floor on argmax/greedy tokens.
+TOLERANCE = {"float32": (1e-3, 1e-4, 1.0), "bfloat16": (0.1, 0.02, 0.97), "float16": (0.02, 0.005, 0.99)}
+
+
+class MergeCheckFailed(LoraFtError):
+    """The merged model does not reproduce the adapter model within tolerance."""
+
+
+def verification_inputs(run_dir: Path, task: str, given: Optional[list[str]], n: int = N_VERIFY) -> tuple[list[str], list]:
+    """(inputs, references) from the run's own eval outputs, or the texts the user gave (no references)."""
+    if given:
+        return given[:n], []
+    if task == "sequence-classification":
+        path, key, ref = run_dir / "eval_predictions.jsonl", "text", "label"
+    elif task == "seq2seq":
+        path, key, ref = run_dir / "eval_predictions.jsonl", "source", "references"
+    else:
+        path, key, ref = run_dir / "eval_generations.jsonl", "prompt", "reference"
+    if not path.is_file():
+        raise LoraFtError(f"merge: {run_dir} has no {path.name} to verify with; pass --inputs FILE (one text per line)")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    seen, inputs, refs = set(), [], []
+    for r in rows:
+        if r[key] not in seen:
+            seen.add(r[key])
+            inputs.append(r[key])
+            refs.append(r.get(ref))
+    return inputs[:n], refs[:n]
+
+
+def _fingerprint(run_dir: Path, dtype: str, inputs: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in ("adapter_model.safetensors", "adapter_config.json", RECIPE_FILE):
+        p = run_dir / name
+        h.update(p.read_bytes() if p.is_file() else b"-")
+    h.update(dtype.encode())
+    h.update(json.dumps(inputs).encode())
+    return h.hexdigest()
+
+
+def _load(run_dir: Path, recipe, dtype: str, quantized: bool):
+    """The trained adapter on a base loaded either full precision in `dtype` or as trained (quantized)."""
+    from peft import PeftModel
+
+    from .modeling import load_model
+    from .tasks import auto_class, get_task
+
+    a = recipe.args
+    task = get_task(a.task)
+    args = a if quantized else replace(a, load_in_4bit=False, load_in_8bit=False, dtype=dtype)
+    extra = task.label_kwargs(a.labels) if a.labels and hasattr(task, "label_kwargs") else {}
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(run_dir))
+    model, _ = load_model(args, auto_class(task), training=False, **extra)
+    task.setup_model(model, tok)
+    model = PeftModel.from_pretrained(model, str(run_dir))
+    model.eval()
+    return model, tok
+
+
+def _logits(model, tok, inputs: list[str], task: str, max_length: int, chat: bool, system_prompt):
+    """Per-input logits: classifier logits, or next-token logits over the prompt (teacher forcing)."""
+    import torch
+
+    from .inference import render_prompt
+
+    outs = []
+    with torch.no_grad():
+        for text in inputs:
+            if task == "sequence-classification":
+                enc = tok([text], truncation=True, max_length=max_length, return_tensors="pt")
+                outs.append(model(**enc).logits[0].float())
+            elif task == "seq2seq":
+                enc = tok([text], truncation=True, max_length=max_length, return_tensors="pt")
+                start = torch.tensor([[model.config.decoder_start_token_id]])
+                outs.append(model(**enc, decoder_input_ids=start).logits[0].float())
+            else:
+                ids = torch.tensor([render_prompt(tok, text, chat, system_prompt)[:max_length]])
+                outs.append(model(input_ids=ids).logits[0].float())
+    return outs
+
+
+def _compare(ref, new) -> dict:
+    diffs = [float((a - b).abs().max()) for a, b in zip(ref, new)]
+    scale = max(float(a.abs().max()) for a in ref)
+    agree = [float((a.argmax(-1) == b.argmax(-1)).float().mean()) for a, b in zip(ref, new)]
+    return {"max_abs_logit_diff": max(diffs), "mean_max_abs_logit_diff": sum(diffs) / len(diffs),
+            "logit_scale": scale, "argmax_agreement": sum(agree) / len(agree)}
+
+
+def _metric(logits, refs, labels, task: str) -> Optional[float]:
+    """Accuracy against the eval labels for classification (the task metric the run reported)."""
+    if task != "sequence-classification" or not refs or refs[0] is None:
+        return None
+    preds = [labels[int(x.argmax())] for x in logits]
+    return sum(p == r for p, r in zip(preds, refs)) / len(refs)
+
+
+def merge_run(run_dir: str, output: str, dtype: str = "float32", force: bool = False,
+              inputs: Optional[list[str]] = None) -> dict:
+    run = require_run_dir(run_dir)
+    if not (run / "adapter_config.json").is_file():
+        raise LoraFtError(f"merge: {run_dir} holds a full model (use_peft: false); there is nothing to merge")
+    if dtype not in TOLERANCE:
+        raise LoraFtError(f"merge: --dtype {dtype} is not one of {', '.join(TOLERANCE)}")
+    recipe = load_run_recipe(run)
+    a = recipe.args
+    texts, refs = verification_inputs(run, a.task, inputs)
+    out = Path(output)
+    fp = _fingerprint(run, dtype, texts)
+    old = out / REPORT_FILE
+    if old.is_file() and json.loads(old.read_text()).get("fingerprint") == fp and (out / "config.json").is_file():
+        report = json.loads(old.read_text())
+        report["status"] = "up to date (no-op)"
+        return report
+
+    chat = bool(a.use_chat_template)
+    # 1. the adapter on a full-precision base, before merging: the reference
+    model, tok = _load(run, recipe, dtype, quantized=False)
+    ref = _logits(model, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+    merged = model.merge_and_unload()
+    new = _logits(merged, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+    check = _compare(ref, new)
+    atol, rtol, floor = TOLERANCE[dtype]
+    tol = atol + rtol * check["logit_scale"]
+    report = {"run_dir": str(run), "output": str(out), "dtype": dtype, "task": a.task, "n_inputs": len(texts),
+              "base_model": a.model_name_or_path, "trained_quantized": bool(a.load_in_4bit or a.load_in_8bit),
+              "adapter_vs_merged": check, "tolerance": {"max_abs_logit_diff": tol, "argmax_agreement": floor},
+              "fingerprint": fp}
+    labels = list(a.labels or [])
+    report["metric"] = {"name": "accuracy" if _metric(ref, refs, labels, a.task) is not None else None,
+                        "adapter": _metric(ref, refs, labels, a.task), "merged": _metric(new, refs, labels, a.task)}
+    problems = []
+    if check["max_abs_logit_diff"] > tol:
+        problems.append(f"max |logit diff| {check['max_abs_logit_diff']:.3g} > tolerance {tol:.3g}")
+    if check["argmax_agreement"] < floor:
+        problems.append(f"argmax agreement {check['argmax_agreement']:.3f} < {floor}")
+    if report["trained_quantized"]:
+        # 2. what the user trained: the same adapter on the quantized base. The merged model drops the
+        # quantization error the adapter learned around; report the difference so it is never silent.
+        qmodel, _ = _load(run, recipe, dtype, quantized=True)
+        qlog = _logits(qmodel, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+        report["trained_quantized_vs_merged"] = _compare(qlog, new)
+        report["metric"]["trained_quantized"] = _metric(qlog, refs, labels, a.task)
+        m = report["metric"]
+        if m["trained_quantized"] is not None and m["merged"] < m["trained_quantized"] - 0.02:
+            problems.append(f"merged accuracy {m['merged']:.3f} is more than 2 points below the trained QLoRA model's {m['trained_quantized']:.3f}")
+        del qmodel
+    report["problems"] = problems
+    report["status"] = "ok" if not problems else ("forced" if force else "failed")
+    if problems and not force:
+        raise MergeCheckFailed(f"merge: verification failed ({'; '.join(problems)}); nothing written. See the numbers with --force --output elsewhere")
+    _save_atomically(merged, tok, run, out, report)
+    return report
+
+
+def _save_atomically(model, tok, run: Path, out: Path, report: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        gc = getattr(model, "generation_config", None)
+        if gc is not None and getattr(model, "can_generate", lambda: False)():
+            gc.save_pretrained(tmp)
+        shutil.copy2(run / RECIPE_FILE, tmp / RECIPE_FILE)  # provenance: the recipe that trained it
+        write_json(tmp / REPORT_FILE, report)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+            os.replace(out, trash / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
