@@ -42,8 +42,6 @@ def log(trainer_args, msg: str) -> None:
 
 
 def train(recipe: Recipe) -> Path:
-    from transformers import set_seed
-
     a = recipe.args
     task = get_task(a.task)
     run_dir = Path(recipe.trainer["output_dir"])
@@ -61,9 +59,6 @@ def train(recipe: Recipe) -> Path:
     if hasattr(data, "label_names"):
         a.labels = data.label_names  # the saved recipe records label order: ids mean the same at serving time
 
-    # The fresh head and the LoRA matrices are initialised here, before the Trainer seeds: seed now, or the
-    # same recipe and seed give a different run each time.
-    set_seed(targs.seed)
     model, new_params = load_model(a, auto_class(task), **task.model_kwargs(data))
     task.setup_model(model, tokenizer)
     modules_to_save = sorted(set(a.lora_modules_to_save or []) | set(new_top_modules(model, new_params)))

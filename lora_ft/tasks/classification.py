@@ -159,7 +159,7 @@ def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
     """Full report on the eval split: metrics JSON, confusion matrix PNG, predictions JSONL."""
     from ..plots import plot_confusion_matrix
 
-    out = _predict_in_order(trainer, data.eval)
+    out = trainer.predict(data.eval, metric_key_prefix="eval")  # in row order: build_trainer uses ordered_eval
     logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
     probs = softmax(np.asarray(logits, dtype=np.float64))
     preds = probs.argmax(-1)
@@ -174,18 +174,6 @@ def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
     metrics = {"eval_loss": out.metrics.get("eval_loss"), "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"],
                "eval_per_class": report["per_class"], "eval_samples": len(preds)}
     return metrics
-
-
-def _predict_in_order(trainer, dataset):
-    """trainer.predict with rows in dataset order. Under group_by_length (our default) transformers also sorts eval
-    batches by length, and each text in eval_predictions.jsonl would sit next to another row's prediction."""
-    args = trainer.args
-    saved = args.train_sampling_strategy
-    args.train_sampling_strategy = "sequential"
-    try:
-        return trainer.predict(dataset, metric_key_prefix="eval")
-    finally:
-        args.train_sampling_strategy = saved
 
 
 def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
