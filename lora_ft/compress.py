@@ -11,7 +11,6 @@ Heads and embeddings are never compressed: they are small and the task depends o
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import tempfile

@@ -153,6 +153,10 @@ class Recipe:
 # ---------------------------------------------------------------- parsing
 
 
+class CliText(str):
+    """A raw command-line value. `--eval_strategy no` must stay "no", not become YAML's False."""
+
+
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
     """`--key value` / `--key=value` pairs -> dict. Values are read as YAML scalars (true, 3, [a, b])."""
     out: dict[str, Any] = {}
@@ -174,10 +178,7 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
         else:
             raw = "true"  # a bare flag: --use_dora
             i += 1
-        try:
-            out[key] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            out[key] = raw
+        out[key] = CliText(raw)  # typed later against the key's annotation, so text keys keep their text
     if problems:
         raise RecipeError(problems)
     return out
@@ -313,8 +314,24 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _coerce_cli(raw: CliText, tp) -> tuple[bool, Any, str]:
+    members = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    if [m for m in members if m is not type(None)] == [str]:
+        return True, str(raw), ""
+    try:
+        parsed = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        parsed = str(raw)
+    ok, val, why = coerce(parsed, tp)
+    if not ok and str in members:
+        return True, str(raw), ""
+    return ok, val, why
+
+
 def coerce(value, tp) -> tuple[bool, Any, str]:
     """Check `value` against annotation `tp`, converting strings from YAML/CLI where that is unambiguous."""
+    if isinstance(value, CliText):
+        return _coerce_cli(value, tp)
     origin = typing.get_origin(tp)
     if tp is Any:
         return True, value, ""
@@ -323,7 +340,9 @@ def coerce(value, tp) -> tuple[bool, Any, str]:
         if value is None:
             return (type(None) in members), None, "may not be empty"
         # bool before int/float/str so "true" is a bool where a bool is allowed.
-        order = sorted(members, key=lambda m: {bool: 0, int: 1, float: 2}.get(m, 3 if m is not str else 9))
+        # A single word stays a string where a string is allowed ("all-linear"); "a,b" may become a list.
+        one_word = isinstance(value, str) and "," not in value
+        order = sorted(members, key=lambda m: {bool: 0, int: 1, float: 2, str: 3 if one_word else 9}.get(m, 5))
         for m in order:
             if m is type(None):
                 continue
@@ -378,6 +397,8 @@ def coerce(value, tp) -> tuple[bool, Any, str]:
         return isinstance(value, dict), value, f"expected a mapping, got {value!r}"
     if isinstance(tp, type) and issubclass(tp, __import__("enum").Enum):
         vals = [e.value for e in tp]
+        if value is False and "no" in vals:  # YAML 1.1 reads `save_strategy: no` as false
+            return True, "no", ""
         return (value in vals or value in list(tp)), value, f"expected one of {vals}, got {value!r}"
     return True, value, ""  # exotic trainer types: the trainer's own __post_init__ validates them
 

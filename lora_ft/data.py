@@ -83,6 +83,21 @@ def load_splits(dataset_name: str, train_split: str, eval_split: Optional[str], 
     return _load_hub(dataset_name, dataset_config, train_split, eval_split)
 
 
+def load_eval_split(dataset_name: str, split: str, dataset_config: Optional[str] = None):
+    """The rows `lora-ft eval` scores. A file is scored whole; a folder or Hub dataset must have `split`
+    (never silently fall back to the training file)."""
+    path = Path(os.path.expanduser(dataset_name))
+    if path.is_file():
+        return load_splits(dataset_name, "train", None)[0]
+    if path.is_dir():
+        files = _split_files(path)
+        found = _find_split(files, split)
+        if found is None:
+            raise DataError(f"{path}: no '{split}' file (found: {', '.join(files) or 'none'}); pass --split NAME or a file path")
+        return _read_file(found, "eval")
+    return load_splits(dataset_name, split, None, dataset_config)[0]
+
+
 def _load_hub(name: str, config: Optional[str], train_split: str, eval_split: Optional[str]):
     import datasets
 

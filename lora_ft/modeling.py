@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 from .builtin_models import resolve_model_path
 from .errors import LoraFtError

@@ -9,7 +9,13 @@ from pathlib import Path
 from .config import Recipe, save_recipe, trainer_args_class
 from .errors import RecipeError
 from .hardware import bf16_supported, cuda_available, peak_memory_mb, reset_peak_memory
-from .modeling import attach_peft, count_parameters, load_model, load_tokenizer, new_top_modules
+from .modeling import (
+    attach_peft,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    new_top_modules,
+)
 from .runs import METRICS_FILE, check_output_dir, write_json
 from .tasks import auto_class, get_task
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..data import apply_column_map, load_splits, split_off_eval, take
+from ..data import apply_column_map, load_eval_split, load_splits, split_off_eval, take
 from ..errors import DataError
 from ..trainers import ordered_eval
 
@@ -266,8 +266,7 @@ def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
 
     a = recipe.args
     split = split or a.eval_split or "test"
-    train, eval_ds, _ = load_splits(a.dataset_name, split, split, a.dataset_config)
-    ds = apply_column_map(eval_ds if eval_ds is not None else train, a.column_map, split)
+    ds = apply_column_map(load_eval_split(a.dataset_name, split, a.dataset_config), a.column_map, split)
     _require_columns(ds, a.dataset_format, split)
     ds = take(_drop_empty(ds, REQUIRED[a.dataset_format], split, []), a.max_eval_samples, recipe.trainer.get("seed", 42))
     enc = _encode_split(ds, tok, a.dataset_format, bool(a.use_chat_template), a, split, [])

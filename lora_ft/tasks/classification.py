@@ -9,10 +9,17 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..data import apply_column_map, check_columns, load_splits, split_off_eval, take
+from ..data import (
+    apply_column_map,
+    check_columns,
+    load_eval_split,
+    load_splits,
+    split_off_eval,
+    take,
+)
 from ..errors import DataError
-from ..trainers import ordered_eval
 from ..metrics import classification_report, softmax
+from ..trainers import ordered_eval
 
 AUTO_CLASS = "AutoModelForSequenceClassification"
 PEFT_TASK_TYPE = "SEQ_CLS"
@@ -182,8 +189,7 @@ def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
 
     a = recipe.args
     split = split or a.eval_split or "test"
-    train, eval_ds, _ = load_splits(a.dataset_name, split, split, a.dataset_config)
-    ds = eval_ds if eval_ds is not None else train  # a lone file is the data to score
+    ds = load_eval_split(a.dataset_name, split, a.dataset_config)  # a lone file is scored whole
     where = f"{a.dataset_name} [{split}]"
     ds = apply_column_map(ds, a.column_map, where)
     check_columns(ds, {"text_column": a.text_column, "text_pair_column": a.text_pair_column, "label_column": a.label_column}, where)

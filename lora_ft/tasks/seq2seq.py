@@ -12,10 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..data import apply_column_map, check_columns, load_splits, split_off_eval, take
+from ..data import (
+    apply_column_map,
+    check_columns,
+    load_eval_split,
+    load_splits,
+    split_off_eval,
+    take,
+)
 from ..errors import DataError
-from ..trainers import ordered_eval
 from ..metrics import qa_scores
+from ..trainers import ordered_eval
 
 AUTO_CLASS = "AutoModelForSeq2SeqLM"
 PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
@@ -155,8 +162,7 @@ def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
 
     a = recipe.args
     split = split or a.eval_split or "test"
-    train, eval_ds, _ = load_splits(a.dataset_name, split, split, a.dataset_config)
-    ds = apply_column_map(eval_ds if eval_ds is not None else train, a.column_map, split)
+    ds = apply_column_map(load_eval_split(a.dataset_name, split, a.dataset_config), a.column_map, split)
     _check(ds, a, f"{a.dataset_name} [{split}]")
     ds = take(_rows(ds, a, split, []), a.max_eval_samples, recipe.trainer.get("seed", 42))
     outs = generate_texts(model, tok, [source_of(r, a) for r in ds], max_new_tokens=a.generation_max_new_tokens,
