@@ -111,8 +111,9 @@ def detect(source: Path) -> str:
     else:
         raise LoraFtError(f"push: {source}: no adapter_config.json or config.json; the run did not finish")
     if not weights:
+        stems = ("adapter_model",) if kind == ADAPTER else ("pytorch_model", "model")
         pickled = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES
-                         and p.name != "training_args.bin")
+                         and p.name.startswith(stems))
         if pickled:
             raise LoraFtError(f"push: {source} holds only pickled weights ({', '.join(pickled)}), which run code when "
                               "loaded; lora_ft publishes safetensors only: re-save with save_pretrained(safe_serialization=True)")

@@ -94,6 +94,7 @@ def train(recipe: Recipe) -> Path:
     if data.eval is not None:
         metrics.update(task.final_eval(trainer, data, run_dir))
     metrics["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    metrics["data_notes"] = list(data.notes)  # dropped empty rows, held-out splits: counted, never silent
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
         save_recipe(recipe, run_dir)
