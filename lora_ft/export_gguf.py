@@ -24,8 +24,9 @@ TEXTS = ["Hello world!", "  two leading spaces,\ttabs\nand new lines  ", "Number
 # Verified means: identical tokenization, teacher-forced argmax agreement and greedy-token agreement at least
 # these floors, max |logit diff| within atol + rtol * logit scale. f16 rounding (2^-11 relative) flips only
 # near-ties; q8_0 (8-bit blocks of 32) moves logits more. A wrong permutation or tensor fails all three.
-TOLERANCE = {"f16": {"argmax": 0.99, "greedy": 0.9, "atol": 0.05, "rtol": 0.01},
-             "q8_0": {"argmax": 0.9, "greedy": 0.5, "atol": 0.2, "rtol": 0.05}}
+# Measured on SmolLM2-135M (logit scale 38): f16 0.04 max diff, greedy exact; q8_0 1.3, argmax 0.95, greedy 0.8.
+TOLERANCE = {"f16": {"argmax": 0.99, "greedy": 0.9, "atol": 0.05, "rtol": 0.005},
+             "q8_0": {"argmax": 0.8, "greedy": 0.5, "atol": 0.2, "rtol": 0.075}}
 # HF name -> llama.cpp name inside blk.N (convert_hf_to_gguf's tensor map for LLAMA).
 LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",

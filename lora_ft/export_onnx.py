@@ -32,11 +32,22 @@ def _classification(model, tok, tmp: Path, texts: list[str]) -> dict:
     import onnxruntime as ort
     import torch
 
+    class Classifier(torch.nn.Module):
+        """Passes the inputs by name: the exporter calls positionally, and decoder classifiers (GPT-2) take
+        past_key_values, not attention_mask, as their second positional argument."""
+
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
+
     enc = tok(texts[:2], padding=True, return_tensors="pt")
     path = tmp / "model.onnx"
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
     with torch.no_grad():
-        torch.onnx.export(model, (enc["input_ids"], enc["attention_mask"]), str(path), input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(Classifier(model), (enc["input_ids"], enc["attention_mask"]), str(path), input_names=["input_ids", "attention_mask"],
                           output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diffs, agree = [], []

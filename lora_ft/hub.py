@@ -555,7 +555,6 @@ def upload(staged: str | os.PathLike, repo_id: str, *, token: Optional[str], pri
            revision: str = "main", commit_message: Optional[str] = None, endpoint: Optional[str] = None) -> dict:
     """Create the repo if needed (and the branch, for a revision other than main) and upload `staged` as one commit."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError
 
     url = resolve_endpoint(endpoint)
     require_token(token)
@@ -572,26 +571,33 @@ def upload(staged: str | os.PathLike, repo_id: str, *, token: Optional[str], pri
         step = "upload"
         info = api.upload_folder(repo_id=repo_id, folder_path=str(staged), repo_type="model", revision=revision,
                                  commit_message=commit_message or "lora-ft push")
-    except HfHubHTTPError as e:
-        raise LoraFtError(_scrub(_http_message(e, url, repo_id, step), token)) from None
-    except ValueError as e:  # the Hub rejected the card metadata, or answered something malformed
-        raise LoraFtError(_scrub(f"push: {url} refused the {step} ({_first_line(e)})", token)) from None
     except Exception as e:
-        if _is_network_error(e):
-            raise LoraFtError(_scrub(f"push: cannot reach {url} during {step} ({type(e).__name__}: {_first_line(e)}); "
-                                     "check the network or HF_ENDPOINT, or stage only with --dry-run --output DIR", token)) from None
-        raise
+        msg = _failure(e, url, repo_id, step)
+        if msg is None:
+            raise
+        raise LoraFtError(_scrub(msg, token)) from None
     tree = f"{url}/{repo_id}" + (f"/tree/{revision}" if revision and revision != "main" else "")
     return {"repo_id": repo_id, "revision": revision, "url": tree, "commit_url": getattr(info, "commit_url", None),
             "commit": getattr(info, "oid", None)}
 
 
-def _is_network_error(e: BaseException) -> bool:
-    if isinstance(e, (OSError, ConnectionError, TimeoutError)):
-        return True
-    root = type(e).__module__.split(".")[0]
-    return root in ("httpx", "httpx2", "httpcore", "requests", "urllib3") or (
-        isinstance(e, RuntimeError) and e.__cause__ is not None and _is_network_error(e.__cause__))
+def _failure(e: BaseException, url: str, repo_id: str, step: str) -> Optional[str]:
+    """One line for a failed Hub call, looking through wrappers (huggingface_hub wraps LFS errors in RuntimeError);
+    None for a failure that is not the Hub's or the network's (a bug: let its traceback show)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, HfHubHTTPError):
+            return _http_message(seen, url, repo_id, step)
+        root = type(seen).__module__.split(".")[0]
+        if isinstance(seen, (ConnectionError, TimeoutError)) or root in ("httpx", "httpx2", "httpcore", "hf_xet"):
+            return (f"push: cannot reach {url} during {step} ({type(seen).__name__}: {_first_line(seen)}); "
+                    "check the network or HF_ENDPOINT, or stage only with --dry-run --output DIR")
+        if isinstance(seen, ValueError):  # the Hub rejected the card metadata, or answered something malformed
+            return f"push: {url} refused the {step} ({_first_line(seen)})"
+        seen = seen.__cause__
+    return None
 
 
 def _http_message(e, url: str, repo_id: str, step: str) -> str:

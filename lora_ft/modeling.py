@@ -149,7 +149,10 @@ def attach_peft(model, args, task_type: str, modules_to_save: list[str], gradien
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if args.adapter_name_or_path:
         return load_adapter_for_training(model, args.adapter_name_or_path)
-    return get_peft_model(model, lora_config(args, task_type, modules_to_save))
+    try:
+        return get_peft_model(model, lora_config(args, task_type, modules_to_save))
+    except ValueError as e:  # peft's "Target modules {...} not found in the base model"
+        raise LoraFtError(f"lora_target_modules: {_first_line(e)}; use module names of this model or all-linear") from None
 
 
 def load_adapter_for_training(model, adapter_path: str):

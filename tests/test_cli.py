@@ -1,0 +1,239 @@
+"""The `lora-ft` command line: predict/eval on a trained run, light imports, and bad input turned into exit 2."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import LABELS, LORA_FT, cls_recipe, json_lines, read_rows, run_cli, write_csv, write_recipe
+from lora_ft.cli import main
+
+HEAVY = ("torch", "transformers", "datasets", "peft", "trl", "numpy", "sklearn", "matplotlib", "bitsandbytes")
+
+
+# ---------------------------------------------------------------- startup
+
+
+def test_cli_import_is_light():
+    """`lora-ft --help` must answer at once: the entry module may not pull in the ML stack."""
+    code = f"import sys, lora_ft.cli; print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert ast.literal_eval(out.strip()) == []
+
+
+def test_help_answers_quickly():
+    started = time.monotonic()
+    proc = subprocess.run([LORA_FT, "--help"], capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0
+    for cmd in ("train", "predict", "eval", "models"):
+        assert cmd in proc.stdout
+    assert elapsed < 5.0, f"lora-ft --help took {elapsed:.1f}s (the contract is < 1 s; 5 s allows for a loaded box)"
+
+
+def test_train_help_keys(capsys):
+    assert main(["train", "--help-keys"]) == 0
+    out = capsys.readouterr().out
+    for key in ("model_name_or_path", "lora_r", "load_in_4bit", "learning_rate", "per_device_train_batch_size"):
+        assert key in out
+
+
+# ---------------------------------------------------------------- predict
+
+
+def test_predict_prints_json_lines_only(gpt2_run):
+    texts = ["What a lovely, sunny afternoon!", "The meeting moved to room 12."]
+    proc = run_cli("predict", gpt2_run.run_dir, "--text", texts[0], "--text", texts[1])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    rows = json_lines(proc.stdout)  # raises on any non-JSON line: logs belong on stderr
+    assert [r["text"] for r in rows] == texts
+    for r in rows:
+        assert set(r) == {"text", "label", "score", "scores"}
+        assert r["label"] in LABELS and list(r["scores"]) == LABELS
+        assert r["score"] == max(r["scores"].values())
+
+
+def test_predict_input_file_to_output_file(gpt2_run, tiny_data, tmp_path, capsys):
+    texts = [r["text"] for r in read_rows(tiny_data / "test.csv")][:5]
+    assert main(["predict", str(gpt2_run.run_dir)] + sum((["--text", t] for t in texts), [])) == 0
+    expected = json_lines(capsys.readouterr().out)
+
+    txt = tmp_path / "in.txt"
+    txt.write_text("\n".join(texts) + "\n\n", encoding="utf-8")  # blank lines are not texts
+    out = tmp_path / "out.jsonl"
+    assert main(["predict", str(gpt2_run.run_dir), "--input", str(txt), "--output", str(out)]) == 0
+    assert capsys.readouterr().out == ""  # everything went to the file
+    assert json_lines(out.read_text(encoding="utf-8")) == expected
+
+    csv_in = write_csv(tmp_path / "in.csv", [{"id": i, "sentence": t} for i, t in enumerate(texts)])
+    out2 = tmp_path / "out2.jsonl"
+    assert main(["predict", str(gpt2_run.run_dir), "--input", str(csv_in), "--text_column", "sentence", "--output", str(out2)]) == 0
+    assert json_lines(out2.read_text(encoding="utf-8")) == expected
+
+
+@pytest.mark.parametrize("args, culprit", [
+    ([], "no input"),
+    (["--input", "{tmp}/missing.txt"], "missing.txt"),
+    (["--input", "{tmp}/in.csv", "--text_column", "body"], "body"),
+    (["--text", "x", "--temperature", "0"], "--temperature"),
+])
+def test_predict_bad_input(gpt2_run, tmp_path, capsys, args, culprit):
+    write_csv(tmp_path / "in.csv", [{"text": "a"}])
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["predict", str(gpt2_run.run_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lora-ft: error:") and culprit in err
+
+
+def test_predict_needs_a_run_dir(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "nope"), "--text", "x"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- eval
+
+
+def test_eval_on_another_file(gpt2_run, tiny_data, tmp_path, capsys):
+    """Same rows under other column names: the metrics equal the ones written at the end of training."""
+    rows = read_rows(tiny_data / "test.csv")
+    other = write_csv(tmp_path / "other.csv", [{"sentence": r["text"], "sentiment": r["label"]} for r in rows])
+    capsys.readouterr()
+    rc = main(["eval", str(gpt2_run.run_dir), "--dataset_name", str(other), "--text_column", "sentence", "--label_column", "sentiment"])
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out)  # stdout is exactly one JSON document
+    trained = json.loads((gpt2_run.run_dir / "metrics.json").read_text())
+    assert metrics["eval_samples"] == len(rows)
+    assert metrics["eval_accuracy"] == pytest.approx(trained["eval_accuracy"])
+    assert metrics["eval_macro_f1"] == pytest.approx(trained["eval_macro_f1"])
+    assert metrics["eval_confusion_matrix"] == json.loads((gpt2_run.run_dir / "confusion_matrix.json").read_text())
+
+
+def test_eval_defaults_to_the_recipe_eval_split(gpt2_run, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["eval", str(gpt2_run.run_dir), "--output", str(out), "--max_eval_samples", "10"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert printed["split"] == "test" and printed["eval_samples"] == 10
+
+
+def test_eval_refuses_model_keys(gpt2_run, capsys):
+    assert main(["eval", str(gpt2_run.run_dir), "--lora_r", "4"]) == 2
+    assert "--lora_r" in capsys.readouterr().err
+
+
+def test_eval_label_outside_the_run_labels(gpt2_run, tmp_path, capsys):
+    data = write_csv(tmp_path / "d.csv", [{"text": "fine", "label": "positive"}, {"text": "meh", "label": "mixed"}])
+    assert main(["eval", str(gpt2_run.run_dir), "--dataset_name", str(data)]) == 2
+    assert "mixed" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input to train: exit 2, one line each, nothing written
+
+
+def bad_case(name: str, tmp_path, good_recipe, tiny_data):
+    """(argv after `train`, substrings the error must contain, output_dir) for one kind of bad input."""
+    out = tmp_path / "out"
+    recipe = good_recipe
+    extra: list[str] = []
+    if name == "malformed_yaml":
+        recipe = tmp_path / "broken.yaml"
+        recipe.write_text(good_recipe.read_text() + "labels: [a, b\nlora_r: 4\n", encoding="utf-8")
+        culprits = ["broken.yaml", "YAML", "line"]
+    elif name == "unknown_key":
+        extra, culprits = ["--lerning_rate", "1e-3"], ["lerning_rate", "learning_rate"]
+    elif name == "wrong_type":
+        extra, culprits = ["--lora_r", "sixteen"], ["lora_r", "sixteen"]
+    elif name == "two_problems":
+        extra, culprits = ["--lora_r", "sixteen", "--num_train_epoch", "2"], ["lora_r", "num_train_epoch"]
+    elif name == "missing_recipe":
+        recipe, culprits = tmp_path / "nowhere.yaml", ["nowhere.yaml", "not found"]
+    elif name == "missing_dataset":
+        extra, culprits = ["--dataset_name", str(tmp_path / "no_such_data")], ["no_such_data", "does not exist"]
+    elif name == "missing_column":
+        extra, culprits = ["--text_column", "sentence"], ["text_column", "sentence", "columns: text, label"]
+    elif name == "label_outside":
+        extra, culprits = ["--labels", "negative,positive"], ["neutral", "labels"]
+    elif name == "non_utf8":
+        data = tmp_path / "latin1"
+        data.mkdir()
+        (data / "train.csv").write_bytes("text,label\nun caf\xe9 tr\xe8s bon,positive\nbof,negative\n".encode("latin-1"))
+        extra, culprits = ["--dataset_name", str(data), "--eval_split", "none"], ["train.csv", "UTF-8"]
+    elif name == "different_run":
+        out.mkdir()
+        write_recipe(out / "lora_ft_recipe.yaml", model_name_or_path="someone/else", dataset_name="other",
+                     task="sequence-classification")
+        (out / "keep.txt").write_text("precious")
+        culprits = [str(out), "different run"]
+    elif name == "not_a_run":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        culprits = [str(out), "not a lora_ft run"]
+    else:
+        raise AssertionError(name)
+    return [str(recipe), "--output_dir", str(out), *extra], culprits, out
+
+
+BAD = ["malformed_yaml", "unknown_key", "wrong_type", "two_problems", "missing_recipe", "missing_dataset",
+       "missing_column", "label_outside", "non_utf8", "different_run", "not_a_run"]
+
+
+@pytest.fixture()
+def good_recipe(tmp_path, tiny_gpt2, tiny_data):
+    return cls_recipe(tmp_path / "good.yaml", tiny_gpt2, tiny_data)
+
+
+def check_failure(rc: int, err: str, culprits: list[str], out, before):
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("lora-ft: error: ") for ln in lines), err
+    assert "Traceback" not in err
+    for c in culprits:
+        assert c in err, f"{c!r} not named in: {err}"
+    after = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    assert after == before, "output_dir was created or changed"
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_train_input(name, tmp_path, good_recipe, tiny_data, capsys):
+    argv, culprits, out = bad_case(name, tmp_path, good_recipe, tiny_data)
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    capsys.readouterr()
+    rc = main(["train", *argv])
+    err = capsys.readouterr().err
+    check_failure(rc, err, culprits, out, before)
+    if name == "two_problems":
+        assert len(err.splitlines()) == 2  # both reported, one line each
+
+
+@pytest.mark.parametrize("name", ["malformed_yaml", "label_outside"])
+def test_bad_train_input_real_process(name, tmp_path, good_recipe, tiny_data):
+    """The installed console script: no traceback, exit 2, nothing written (one early and one late failure)."""
+    argv, culprits, out = bad_case(name, tmp_path, good_recipe, tiny_data)
+    proc = run_cli("train", *argv)
+    check_failure(proc.returncode, proc.stderr, culprits, out, None)
+    assert proc.stdout == ""
+
+
+def test_train_without_recipe_file_takes_overrides(tmp_path, tiny_gpt2, capsys):
+    """`lora-ft train --key value ...` alone: the first override's value is not mistaken for a recipe path."""
+    missing = tmp_path / "absent_data"
+    rc = main(["train", "--model_name_or_path", str(tiny_gpt2), "--dataset_name", str(missing), "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "absent_data" in err and "not found" not in err
+
+
+def test_train_with_nothing(capsys):
+    assert main(["train"]) == 2
+    assert "recipe" in capsys.readouterr().err
+
+
+def test_models_list(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "builtin:smollm2-135m-instruct" in out and "builtin:minilm-l6" in out
