@@ -595,7 +595,7 @@ def _failure(e: BaseException, url: str, repo_id: str, step: str) -> Optional[st
             return (f"push: cannot reach {url} during {step} ({type(seen).__name__}: {_first_line(seen)}); "
                     "check the network or HF_ENDPOINT, or stage only with --dry-run --output DIR")
         if isinstance(seen, ValueError):  # the Hub rejected the card metadata, or answered something malformed
-            return f"push: {url} refused the {step} ({_first_line(seen)})"
+            return f"push: {url} refused the {step} ({_one_line(seen)})"
         seen = seen.__cause__
     return None
 
@@ -618,6 +618,12 @@ def _http_message(e, url: str, repo_id: str, step: str) -> str:
 def _first_line(e) -> str:
     text = str(e).strip()
     return redact_text(text.splitlines()[0] if text else type(e).__name__)
+
+
+def _one_line(e) -> str:
+    """All of a multi-line message (the Hub lists metadata errors one per line) on one line."""
+    parts = [ln.strip(" -") for ln in str(e).splitlines() if ln.strip(" -")]
+    return redact_text("; ".join(parts)[:500] or type(e).__name__)
 
 
 def _scrub(msg: str, token: Optional[str]) -> str:

@@ -32,6 +32,10 @@ def load_run(run_dir: str | Path):
         from dataclasses import replace
 
         model, _ = load_model(replace(a, model_name_or_path=str(p), load_in_4bit=False, load_in_8bit=False), auto_class(task), training=False)
+    if (p / "generation_config.json").is_file():  # the run's own: EOS ids as training saw them
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(p))
     model.eval()
     return model, tok, recipe
 

@@ -97,6 +97,7 @@ def train(recipe: Recipe) -> Path:
     metrics["data_notes"] = list(data.notes)  # dropped empty rows, held-out splits: counted, never silent
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(run_dir))
+        _save_generation_config(trainer.model, run_dir)
         save_recipe(recipe, run_dir)
         write_json(run_dir / METRICS_FILE, metrics)
         write_json(run_dir / "log_history.json", trainer.state.log_history)
@@ -106,6 +107,14 @@ def train(recipe: Recipe) -> Path:
         summary = {k: metrics[k] for k in metrics if k.startswith("eval_") and isinstance(metrics[k], float)}
         log(targs, f"saved run dir {run_dir}  " + "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     return run_dir
+
+
+def _save_generation_config(model, run_dir: Path) -> None:
+    """Generating runs keep their generation config (EOS ids, pad id) next to the chat template: serving uses both."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    gc = getattr(base, "generation_config", None)
+    if gc is not None and getattr(base, "can_generate", lambda: False)():
+        gc.save_pretrained(str(run_dir))
 
 
 def _resume_arg(recipe: Recipe, run_dir: Path):

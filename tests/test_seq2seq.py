@@ -158,3 +158,12 @@ def test_generation_cuts_sources_where_training_did(tiny_t5, monkeypatch):
     monkeypatch.setattr(model, "generate", lambda input_ids, **kw: seen.append(input_ids.shape[1]) or real(input_ids=input_ids, **kw))
     generate_texts(model, tok, ["question: " + "x" * 200, "short"], max_new_tokens=2, max_length=32)
     assert seen == [32, len("short") + 1]
+
+
+@pytest.mark.parametrize("bits", ["load_in_4bit", "load_in_8bit"])
+def test_quantized_t5_trains_and_generates(tmp_path, tiny_t5, squad_slice, capsys, bits):
+    run = train_run(tmp_path, bits, tiny_t5, squad_slice, eval_split="dev", max_steps=2, max_eval_samples=4, **{bits: True})
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 2
+    assert (run / "generation_config.json").is_file()  # serving reads EOS ids from the run, as trained
+    out = json_lines(cli_out(capsys, "generate", run, "--max_new_tokens", 3, "--prompt", "question: Who? context: Bob did."))
+    assert len(out) == 1 and isinstance(out[0]["completion"], str)
