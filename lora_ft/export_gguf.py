@@ -21,12 +21,12 @@ QUANTS = ("f16", "q8_0")
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "List three colors:"]
 N_NEW = 16
 TEXTS = ["Hello world!", "  two leading spaces,\ttabs\nand new lines  ", "Numbers 12345 and 3.14; café naïve 日本語 🙂"]
-# Verified means: identical tokenization, teacher-forced argmax agreement and greedy-token agreement at least
-# these floors, max |logit diff| within atol + rtol * logit scale. f16 rounding (2^-11 relative) flips only
-# near-ties; q8_0 (8-bit blocks of 32) moves logits more. A wrong permutation or tensor fails all three.
-# Measured on SmolLM2-135M (logit scale 38): f16 0.04 max diff, greedy exact; q8_0 1.3, argmax 0.95, greedy 0.8.
-TOLERANCE = {"f16": {"argmax": 0.99, "greedy": 0.9, "atol": 0.05, "rtol": 0.005},
-             "q8_0": {"argmax": 0.8, "greedy": 0.5, "atol": 0.2, "rtol": 0.075}}
+# Verified means: identical tokenization and chat template; argmax agreement (over 3 prompts plus their greedy
+# continuations, teacher-forced) at least the floor; max |logit diff| within atol + rtol * logit scale. f16
+# rounding (2^-11 relative) flips only near-ties; q8_0 (8-bit blocks of 32) moves logits more. A wrong
+# permutation or tensor fails both. Measured on SmolLM2-135M (logit scale 38): f16 max diff 0.04 and greedy
+# exact; q8_0 max diff 1.3.
+TOLERANCE = {"f16": {"argmax": 0.98, "atol": 0.05, "rtol": 0.005}, "q8_0": {"argmax": 0.8, "atol": 0.2, "rtol": 0.075}}
 # HF name -> llama.cpp name inside blk.N (convert_hf_to_gguf's tensor map for LLAMA).
 LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -223,27 +223,36 @@ def _verify(model, tok, folder: Path, file: str, quant: str) -> dict:
     template_ok = (gtok.chat_template == tok.chat_template) if chat else True
     eos = _eos_ids(model, tok, chat)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    ref = [_greedy(model, render_prompt(tok, p, chat), eos, pad) for p in PROMPTS]
-    new = [_greedy(gmodel, render_prompt(gtok, p, chat), eos, pad) for p in PROMPTS]
+    prompts = [render_prompt(tok, p, chat) for p in PROMPTS]
+    ref = [_greedy(model, p, eos, pad) for p in prompts]
+    new = [_greedy(gmodel, render_prompt(gtok, p, chat), eos, pad) for p in PROMPTS]  # each with its own tokenizer
     prefix = [next((i for i, (a, b) in enumerate(zip(r, n)) if a != b), min(len(r), len(n))) for r, n in zip(ref, new)]
+    # Free-running greedy diverges for good after one near-tie flips; judge each step on the same history instead
+    # (the reference continuation, teacher-forced), so one rounding flip is one step, and a broken tensor is all.
+    diff, scale, same, step = 0.0, 0.0, [], []
     with torch.no_grad():
-        ids = torch.tensor([render_prompt(tok, PROMPTS[0], chat)])
-        a, b = model(input_ids=ids).logits[0], gmodel(input_ids=ids).logits[0]
+        for p, r in zip(prompts, ref):
+            ids = torch.tensor([p + r])
+            a, b = model(input_ids=ids).logits[0], gmodel(input_ids=ids).logits[0]
+            diff, scale = max(diff, float((a - b).abs().max())), max(scale, float(a.abs().max()))
+            eq = (a.argmax(-1) == b.argmax(-1)).tolist()
+            same += eq
+            step += eq[len(p) - 1: len(p) - 1 + len(r)]
     t = TOLERANCE[quant]
     check = {"tokenizer_mismatches": tok_bad, "chat_template_preserved": template_ok,
              "greedy_exact": [r == n for r, n in zip(ref, new)],
-             "greedy_token_agreement": sum(prefix) / max(1, sum(max(len(r), len(n)) for r, n in zip(ref, new))),
-             "max_abs_logit_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max()),
-             "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+             "greedy_prefix_agreement": sum(prefix) / max(1, sum(max(len(r), len(n)) for r, n in zip(ref, new))),
+             "greedy_step_agreement": sum(step) / max(1, len(step)), "argmax_agreement": sum(same) / len(same),
+             "max_abs_logit_diff": diff, "logit_scale": scale,
              "n_prompts": len(PROMPTS), "max_new_tokens": N_NEW, "reference_tokens": ref, "gguf_tokens": new}
-    tol = t["atol"] + t["rtol"] * check["logit_scale"]
+    tol = t["atol"] + t["rtol"] * scale
     problems = [f"tokenizer encodes {len(tok_bad)} test string(s) differently" if tok_bad else "",
                 "" if template_ok else "chat template not preserved",
-                f"max |logit diff| {check['max_abs_logit_diff']:.3g} > {tol:.3g}" if check["max_abs_logit_diff"] > tol else "",
+                f"max |logit diff| {diff:.3g} > {tol:.3g}" if diff > tol else "",
                 f"argmax agreement {check['argmax_agreement']:.3f} < {t['argmax']}" if check["argmax_agreement"] < t["argmax"] else "",
-                f"greedy token agreement {check['greedy_token_agreement']:.3f} < {t['greedy']}" if check["greedy_token_agreement"] < t["greedy"] else ""]
+                f"greedy step agreement {check['greedy_step_agreement']:.3f} < {t['argmax']}" if check["greedy_step_agreement"] < t["argmax"] else ""]
     check["problems"] = [p for p in problems if p]
-    check["tolerance"] = {"max_abs_logit_diff": tol, "argmax_agreement": t["argmax"], "greedy_token_agreement": t["greedy"]}
+    check["tolerance"] = {"max_abs_logit_diff": tol, "argmax_agreement": t["argmax"]}
     return check
 
 

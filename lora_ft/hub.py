@@ -174,11 +174,12 @@ def _source_run(source: Path, report: dict) -> Optional[Path]:
 
 
 def stage(source: str | os.PathLike, output: str | os.PathLike, repo_id: str, *, revision: str = "main",
-          base_model: Optional[str] = None, token: Optional[str] = None) -> dict:
+          base_model: Optional[str] = None, token: Optional[str] = None, link: bool = False) -> dict:
     """Write the folder a push uploads into `output` (atomically) and return its manifest.
 
     base_model: the Hub id of the base, for runs trained from a local folder (builtin:NAME and Hub ids resolve
-    themselves). token: only to check that it appears in no staged file.
+    themselves). token: only to check that it appears in no staged file. link: hard-link weights instead of
+    copying them, for a throwaway staging folder (a kept one must not change when the run dir is rewritten).
     """
     src = Path(source)
     kind = detect(src)
@@ -188,6 +189,9 @@ def stage(source: str | os.PathLike, output: str | os.PathLike, repo_id: str, *,
     recipe = _recipe(src)
     warnings: list[str] = []
     base = base_model or hub_id_of(recipe.get("model_name_or_path"))
+    if base_model and not _HUB_ID.match(base_model):
+        warnings.append(f"--base-model {base_model} is not a Hub id; the Hub will not link the base, and others "
+                        "cannot load the adapter from it")
     if base is None:
         msg = (f"push: the base model '{recipe.get('model_name_or_path')}' is a local folder, so the card cannot name "
                "it on the Hub; pass --base-model HUB_ID (the Hub model those weights are)")
@@ -204,8 +208,9 @@ def stage(source: str | os.PathLike, output: str | os.PathLike, repo_id: str, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        copy = _link_or_copy if link else shutil.copyfile
         for name in keep:
-            shutil.copyfile(src / name, tmp / name)
+            copy(src / name, tmp / name)
         cfg = None
         if kind == ADAPTER:
             cfg = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
@@ -219,7 +224,7 @@ def stage(source: str | os.PathLike, output: str | os.PathLike, repo_id: str, *,
             _write_json(tmp / METRICS_FILE, redact(metrics))
             if metrics_dir != src:  # a merged folder: the plots of the run it came from
                 for png in sorted(metrics_dir.glob("*.png")):
-                    shutil.copyfile(png, tmp / png.name)
+                    copy(png, tmp / png.name)
         if report is not None:
             _write_json(tmp / REPORT_FILE, redact(report))
         files = sorted(p.name for p in tmp.iterdir()) + [CARD_FILE]
@@ -256,10 +261,24 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem allows (a merged model is gigabytes), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def _check_no_token(folder: Path, token: str) -> None:
     needle = token.encode()
     for p in folder.iterdir():
-        if needle in p.read_bytes():
+        if p.suffix == ".safetensors":  # tensors, plus a JSON header that may hold metadata strings
+            with open(p, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                text = fh.read(min(size, 100_000_000))
+        else:
+            text = p.read_bytes()
+        if needle in text:
             raise LoraFtError(f"push: {p.name} contains your Hugging Face token; nothing staged or uploaded. "
                               "Remove it from the run dir and push again")
 

@@ -129,7 +129,6 @@ def hf_env(monkeypatch, tmp_path):
     monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
     monkeypatch.setattr(c, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-login" / "stored_tokens"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     return monkeypatch
 
@@ -240,6 +239,12 @@ def test_token_found_in_a_staged_file_stops_the_push(tmp_path, hf_env, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "tokenizer_config.json contains your Hugging Face token" in err and TOKEN not in err
     assert not (tmp_path / "staged").exists()
+    from safetensors.numpy import save_file
+
+    run = make_run(tmp_path, name="run2")
+    save_file({"w": __import__("numpy").zeros(2, "float32")}, str(run / "adapter_model.safetensors"), metadata={"by": TOKEN})
+    with pytest.raises(LoraFtError, match="adapter_model.safetensors contains your Hugging Face token"):
+        stage(run, tmp_path / "staged", "me/x", token=TOKEN)
 
 
 def test_pickled_weights_are_refused(tmp_path):
@@ -298,7 +303,7 @@ class FakeHub:
 
     def __init__(self, lfs: bool = False, fail: dict | None = None):
         self.lfs = lfs  # answer "lfs" upload mode for binary files, as the Hub does
-        self.fail = fail or {}  # path regex -> (status, message)
+        self.fail = fail or {}  # path regex -> (status, error message or JSON answer)
         self.requests: list[dict] = []
         self.repos: dict[str, dict] = {}
         self.lfs_objects: dict[str, bytes] = {}
@@ -368,9 +373,9 @@ class FakeHub:
         with self.lock:
             self.requests.append({"method": h.command, "path": path, "query": query, "body": body,
                                   "authorization": h.headers.get("Authorization")})
-        for pattern, (status, message) in self.fail.items():
+        for pattern, (status, answer) in self.fail.items():
             if re.fullmatch(pattern, path):
-                return self._send(h, status, {"error": message})
+                return self._send(h, status, answer if isinstance(answer, dict) else {"error": answer})
         routes = [
             ("POST", r"/api/repos/create", self.create_repo),
             ("POST", r"/api/validate-yaml", self.validate_yaml),
@@ -598,10 +603,12 @@ def test_hub_refusals_are_one_line(tmp_path, hf_env, capsys, status, expect):
 
 
 def test_rejected_card_metadata_is_one_line(tmp_path, hf_env, capsys):
-    with FakeHub(fail={r"/api/validate-yaml": (400, '"base_model" is not a valid model id')}) as hub:
+    answer = {"errors": [{"message": '"base_model" is not a valid model id'}]}  # the Hub's validate-yaml error shape
+    with FakeHub(fail={r"/api/validate-yaml": (400, answer)}) as hub:
         rc = main(["push", str(make_run(tmp_path)), "--repo-id", "me/x", "--endpoint", hub.url])
     err = capsys.readouterr().err
-    assert rc == 2 and len(err.strip().splitlines()) == 1 and "refused" in err, err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert 'refused the upload (Invalid metadata in README.md.; "base_model" is not a valid model id)' in err
     assert hub.commits == []
 
 

@@ -54,7 +54,7 @@ def run(args, overrides: list[str]) -> int:
     else:
         with tempfile.TemporaryDirectory(prefix="lora-ft-push-") as tmp:
             manifest = stage(args.source, f"{tmp}/staged", args.repo_id, revision=args.revision, base_model=args.base_model,
-                             token=token)
+                             token=token, link=True)
             push(manifest["staged"])
             manifest["staged"] = None
     manifest["status"] = "staged (dry run: nothing uploaded)" if args.dry_run else "pushed"
