@@ -200,3 +200,61 @@ def _save_atomically(model, tok, run: Path, out: Path, report: dict) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+
+
+def merge_many(run_dirs: list[str], output: str, combination: str = "linear", weights: Optional[list[float]] = None,
+               density: float = 0.5, dtype: str = "float32", force: bool = False, inputs: Optional[list[str]] = None) -> dict:
+    """Combine several adapters trained on the same base (peft add_weighted_adapter), then merge and verify.
+
+    Only generating tasks: classification runs each carry their own trained head, which no weighting can combine.
+    """
+    from peft import PeftModel
+
+    if combination not in COMBINATIONS:
+        raise LoraFtError(f"merge: --combination {combination} is not one of {', '.join(COMBINATIONS)}")
+    runs = [require_run_dir(r) for r in run_dirs]
+    recipes = [load_run_recipe(r) for r in runs]
+    a = recipes[0].args
+    if any(r.args.model_name_or_path != a.model_name_or_path or r.args.task != a.task for r in recipes):
+        raise LoraFtError("merge: the runs differ in base model or task; only adapters of one base combine")
+    if a.task == "sequence-classification":
+        raise LoraFtError("merge: several classification adapters cannot be combined (each has its own head); merge them one by one")
+    weights = weights or [1.0 / len(runs)] * len(runs)
+    if len(weights) != len(runs):
+        raise LoraFtError(f"merge: {len(weights)} --weights for {len(runs)} runs; give one weight per run")
+    texts, _ = verification_inputs(runs[0], a.task, inputs)
+    model, tok = _load(runs[0], recipes[0], dtype, quantized=False)
+    names = ["default"]
+    for i, r in enumerate(runs[1:], start=1):
+        model.load_adapter(str(r), adapter_name=f"run{i}")
+        names.append(f"run{i}")
+    kw = {"density": density} if combination.startswith(("ties", "dare", "magnitude")) else {}
+    try:
+        model.add_weighted_adapter(names, weights, "combined", combination_type=combination, **kw)
+    except ValueError as e:  # e.g. linear needs equal ranks
+        raise LoraFtError(f"merge: peft cannot combine these adapters with {combination} ({str(e).splitlines()[0]}); try cat or svd") from None
+    model.set_adapter("combined")
+    model.eval()  # modules created after the first eval() start in training mode: their dropout would be live
+    chat = bool(a.use_chat_template)
+    ref = _logits(model, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+    for n in names:
+        model.delete_adapter(n)
+    merged = model.merge_and_unload()
+    new = _logits(merged, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+    check = _compare(ref, new)
+    atol, rtol, floor = TOLERANCE[dtype]
+    tol = atol + rtol * check["logit_scale"]
+    problems = [p for p in (f"max |logit diff| {check['max_abs_logit_diff']:.3g} > {tol:.3g}" if check["max_abs_logit_diff"] > tol else "",
+                            f"argmax agreement {check['argmax_agreement']:.3f} < {floor}" if check["argmax_agreement"] < floor else "") if p]
+    report = {"run_dirs": [str(r) for r in runs], "combination": combination, "weights": weights, "density": kw.get("density"),
+              "output": str(Path(output)), "dtype": dtype, "task": a.task, "n_inputs": len(texts), "base_model": a.model_name_or_path,
+              "combined_adapter_vs_merged": check, "adapter_vs_merged": check,
+              "tolerance": {"max_abs_logit_diff": tol, "argmax_agreement": floor}, "metric": {"name": None},
+              "problems": problems, "status": "ok" if not problems else ("forced" if force else "failed")}
+    if problems and not force:
+        raise MergeCheckFailed(f"merge: verification failed ({'; '.join(problems)}); nothing written")
+    _save_atomically(merged, tok, runs[0], Path(output), report)
+    return report
