@@ -59,6 +59,7 @@ def _quiet_libraries() -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; training keeps its own tqdm
         datasets.disable_progress_bars()
     except ImportError:
         pass

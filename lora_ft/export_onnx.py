@@ -25,6 +25,9 @@ SAMPLE_TEXTS = [
     "I can't believe how good this new phone is, the battery lasts forever!",
 ]
 OPSET = 18
+# The wrappers below are exported in eval mode (`.eval()`): the exporter puts a module back into the mode it
+# found it in, and a fresh wrapper is in training mode, so the wrapped model came back with dropout on and the
+# torch side of the verification (and anything run after) went random.
 
 
 def _classification(model, tok, tmp: Path, texts: list[str]) -> dict:
@@ -47,7 +50,7 @@ def _classification(model, tok, tmp: Path, texts: list[str]) -> dict:
     path = tmp / "model.onnx"
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
     with torch.no_grad():
-        torch.onnx.export(Classifier(model), (enc["input_ids"], enc["attention_mask"]), str(path), input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(Classifier(model).eval(), (enc["input_ids"], enc["attention_mask"]), str(path), input_names=["input_ids", "attention_mask"],
                           output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diffs, agree = [], []
@@ -91,14 +94,16 @@ def _seq2seq(model, tok, tmp: Path, texts: list[str], max_new_tokens: int = 16) 
 
     enc = tok(texts[:2], padding=True, return_tensors="pt")
     start = model.config.decoder_start_token_id
-    dec_ids = torch.full((2, 1), start, dtype=torch.long)
+    # Traced with a two-token prefix: at one token the causal mask is skipped (nothing to mask) and the trace
+    # keeps that branch, so longer prefixes would see future tokens.
+    dec_ids = torch.full((2, 2), start, dtype=torch.long)
     with torch.no_grad():
         hidden = Encoder(model)(enc["input_ids"], enc["attention_mask"])
-        torch.onnx.export(Encoder(model), (enc["input_ids"], enc["attention_mask"]), str(tmp / "encoder.onnx"),
+        torch.onnx.export(Encoder(model).eval(), (enc["input_ids"], enc["attention_mask"]), str(tmp / "encoder.onnx"),
                           input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
                           dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "last_hidden_state": {0: "b", 1: "s"}},
                           opset_version=OPSET, dynamo=False)
-        torch.onnx.export(Decoder(model), (dec_ids, hidden, enc["attention_mask"]), str(tmp / "decoder.onnx"),
+        torch.onnx.export(Decoder(model).eval(), (dec_ids, hidden, enc["attention_mask"]), str(tmp / "decoder.onnx"),
                           input_names=["decoder_input_ids", "encoder_hidden_states", "attention_mask"], output_names=["logits"],
                           dynamic_axes={"decoder_input_ids": {0: "b", 1: "t"}, "encoder_hidden_states": {0: "b", 1: "s"},
                                         "attention_mask": {0: "b", 1: "s"}, "logits": {0: "b", 1: "t"}},
@@ -106,7 +111,7 @@ def _seq2seq(model, tok, tmp: Path, texts: list[str], max_new_tokens: int = 16) 
     es = ort.InferenceSession(str(tmp / "encoder.onnx"), providers=["CPUExecutionProvider"])
     ds = ort.InferenceSession(str(tmp / "decoder.onnx"), providers=["CPUExecutionProvider"])
     eos = model.config.eos_token_id
-    same = 0
+    same, diffs = 0, []
     for text in texts:
         e = tok([text], return_tensors="np")
         ids, mask = e["input_ids"].astype(np.int64), e["attention_mask"].astype(np.int64)
@@ -120,8 +125,13 @@ def _seq2seq(model, tok, tmp: Path, texts: list[str], max_new_tokens: int = 16) 
         with torch.no_grad():
             ref = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1)[0].tolist()
+            # Every position's logits on the last prefix, not only the argmax at its end: a graph that lost its
+            # causal mask can still pick the same greedy tokens on a small or undertrained model.
+            tf = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                       decoder_input_ids=torch.tensor([seq[:-1]]), use_cache=False).logits.numpy()
+        diffs.append(float(np.abs(logits - tf).max()))
         same += int(seq == ref[: len(seq)] and (len(seq) == len(ref) or seq[-1] == eos or len(seq) == max_new_tokens + 1))
-    return {"files": ["encoder.onnx", "decoder.onnx"], "greedy_token_agreement": same / len(texts)}
+    return {"files": ["encoder.onnx", "decoder.onnx"], "greedy_token_agreement": same / len(texts), "max_abs_logit_diff": max(diffs)}
 
 
 def export_onnx(model_dir: str, output: str, inputs: Optional[list[str]] = None) -> dict:

@@ -62,6 +62,22 @@ def _fingerprint(run_dir: Path, dtype: str, inputs: list[str]) -> str:
     return h.hexdigest()
 
 
+def _check_dtype(dtype: str) -> None:
+    """Before any loading: an unknown dtype would otherwise surface as a KeyError deep in model loading."""
+    if dtype not in TOLERANCE:
+        raise LoraFtError(f"merge: --dtype {dtype} is not one of {', '.join(TOLERANCE)}")
+
+
+def _up_to_date(out: Path, fingerprint: str, force: bool) -> bool:
+    """Same inputs as the merge already in `out`. A model kept with --force failed verification: without
+    --force it is checked again (and fails again, loudly) rather than passed off as up to date."""
+    old = out / REPORT_FILE
+    if not (old.is_file() and (out / "config.json").is_file()):
+        return False
+    report = json.loads(old.read_text())
+    return report.get("fingerprint") == fingerprint and (report.get("status") == "ok" or force)
+
+
 def _load(run_dir: Path, recipe, dtype: str, quantized: bool):
     """The trained adapter on a base loaded either full precision in `dtype` or as trained (quantized)."""
     from peft import PeftModel
@@ -126,16 +142,14 @@ def merge_run(run_dir: str, output: str, dtype: str = "float32", force: bool = F
     run = require_run_dir(run_dir)
     if not (run / "adapter_config.json").is_file():
         raise LoraFtError(f"merge: {run_dir} holds a full model (use_peft: false); there is nothing to merge")
-    if dtype not in TOLERANCE:
-        raise LoraFtError(f"merge: --dtype {dtype} is not one of {', '.join(TOLERANCE)}")
+    _check_dtype(dtype)
     recipe = load_run_recipe(run)
     a = recipe.args
     texts, refs = verification_inputs(run, a.task, inputs)
     out = Path(output)
     fp = _fingerprint(run, dtype, texts)
-    old = out / REPORT_FILE
-    if old.is_file() and json.loads(old.read_text()).get("fingerprint") == fp and (out / "config.json").is_file():
-        report = json.loads(old.read_text())
+    if _up_to_date(out, fp, force):
+        report = json.loads((out / REPORT_FILE).read_text())
         report["status"] = "up to date (no-op)"
         return report
 
@@ -215,6 +229,7 @@ def merge_many(run_dirs: list[str], output: str, combination: str = "linear", we
 
     if combination not in COMBINATIONS:
         raise LoraFtError(f"merge: --combination {combination} is not one of {', '.join(COMBINATIONS)}")
+    _check_dtype(dtype)
     runs = [require_run_dir(r) for r in run_dirs]
     recipes = [load_run_recipe(r) for r in runs]
     a = recipes[0].args
