@@ -45,12 +45,15 @@ def main():
     ap.add_argument("--eval", type=int, default=100)
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--max_new_tokens", type=int, default=256)
+    ap.add_argument("--reuse", action="store_true", help="reuse a finished run in benchmarks/out (skip training)")
+    ap.add_argument("--skip-base", action="store_true", help="do not generate with the untuned base for comparison")
     args = ap.parse_args()
     cmd = [str(ROOT / ".venv/bin/lora-ft"), "train", "recipes/smollm2_sft.yaml", "--dataset_name", str(DATA),
            "--max_train_samples", str(args.train), "--max_eval_samples", str(args.eval), "--output_dir", str(OUT),
            "--eval_on_start", "true", "--report_to", "none", "--save_strategy", "no"]
     t0 = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    if not (args.reuse and (OUT / "metrics.json").is_file()):
+        subprocess.run(cmd, cwd=ROOT, check=True)
     wall = time.time() - t0
     metrics = json.loads((OUT / "metrics.json").read_text())
 
@@ -63,8 +66,10 @@ def main():
     prompts = held_out_prompts(args.prompts, skip=args.eval)
     model, tok, recipe = load_run(OUT)
     tuned_share, tuned = stop_share(model, tok, prompts, args.max_new_tokens, recipe.args.system_prompt)
-    base = AutoModelForCausalLM.from_pretrained(prepare("smollm2-135m-instruct"), dtype=torch.float32)
-    base_share, _ = stop_share(base, tok, prompts, args.max_new_tokens, recipe.args.system_prompt)
+    base_share = None
+    if not args.skip_base:
+        base = AutoModelForCausalLM.from_pretrained(prepare("smollm2-135m-instruct"), dtype=torch.float32)
+        base_share, _ = stop_share(base, tok, prompts, args.max_new_tokens, recipe.args.system_prompt)
     result = {
         "command": " ".join(cmd), "train_examples": metrics.get("train_examples"), "eval_examples": args.eval,
         "eval_loss_before": metrics.get("eval_loss_before"), "eval_loss_after": metrics.get("eval_loss"),
@@ -72,7 +77,7 @@ def main():
         "held_out_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "stop_share_tuned": tuned_share, "stop_share_base": base_share, "target_stop_share": 0.95,
         "train_runtime_s": metrics.get("train_runtime"), "train_tokens_per_second": metrics.get("train_tokens_per_second"),
-        "peak_memory_mb": metrics.get("peak_memory_mb"), "wall_s_train_cli": round(wall, 1),
+        "peak_memory_mb": metrics.get("peak_memory_mb"), "wall_s_train_cli": round(wall, 1) if not args.reuse else None,
         "samples": [{"prompt": p[:200], "completion": o["completion"][:300], "stopped": o["stopped"]} for p, o in zip(prompts[:5], tuned)],
         "machine": {"nproc": os.cpu_count(), "platform": platform.platform(), "loadavg": os.getloadavg()},
         "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
