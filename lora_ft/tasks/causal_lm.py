@@ -221,6 +221,9 @@ def setup_model(model, tok) -> None:
 def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
     from trl import SFTTrainer
 
+    # transformers isolates packed sequences (position_ids restarting at 0) only when no KV cache is built;
+    # with use_cache on, a packed example would attend to its neighbours. Generation keeps its own setting.
+    model.config.use_cache = False
     if data.eval_prompts:
         callbacks = list(callbacks) + [_generation_logger(tok, data.eval_prompts, data.max_new_tokens)]
     return ordered_eval(SFTTrainer)(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
