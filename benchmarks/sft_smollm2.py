@@ -45,12 +45,13 @@ def main():
     ap.add_argument("--eval", type=int, default=100)
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--max_new_tokens", type=int, default=256)
+    ap.add_argument("--max_length", type=int, default=512, help="training sequence length (recipe default 512)")
     ap.add_argument("--reuse", action="store_true", help="reuse a finished run in benchmarks/out (skip training)")
     ap.add_argument("--skip-base", action="store_true", help="do not generate with the untuned base for comparison")
     args = ap.parse_args()
     cmd = [str(ROOT / ".venv/bin/lora-ft"), "train", "recipes/smollm2_sft.yaml", "--dataset_name", str(DATA),
            "--max_train_samples", str(args.train), "--max_eval_samples", str(args.eval), "--output_dir", str(OUT),
-           "--eval_on_start", "true", "--report_to", "none", "--save_strategy", "no"]
+           "--eval_on_start", "true", "--report_to", "none", "--save_strategy", "no", "--max_length", str(args.max_length)]
     t0 = time.time()
     if not (args.reuse and (OUT / "metrics.json").is_file()):
         subprocess.run(cmd, cwd=ROOT, check=True)
