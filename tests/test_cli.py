@@ -237,3 +237,20 @@ def test_models_list(capsys):
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
     assert "builtin:smollm2-135m-instruct" in out and "builtin:minilm-l6" in out
+
+
+def test_eval_column_flags_win_over_the_recipe_column_map(tiny_bert, tiny_data, tmp_path, capsys):
+    """gpt2_sentiment's case: the recipe maps sentiment -> label_text; `eval --label_column sentiment` on a file that
+    has `sentiment` must score that column, not rename it away first."""
+    from conftest import cls_recipe, train_in_process
+
+    rows = read_rows(tiny_data / "train.csv")
+    data = tmp_path / "d"
+    data.mkdir()
+    write_csv(data / "train.csv", [{"text": r["text"], "sentiment": r["label"]} for r in rows])
+    write_csv(data / "test.csv", [{"text": r["text"], "sentiment": r["label"]} for r in read_rows(tiny_data / "test.csv")])
+    recipe = cls_recipe(tmp_path / "r.yaml", tiny_bert, data, label_column="label_text", column_map={"sentiment": "label_text"})
+    run = train_in_process(recipe, tmp_path / "run", "--max_steps", "2", "--eval_strategy", "no")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--dataset_name", str(data / "test.csv"), "--label_column", "sentiment"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_samples"] > 0

@@ -33,6 +33,8 @@ def run(args, overrides: list[str]) -> int:
         raise RecipeError([f"--{k}: eval takes only data keys ({', '.join(DATA_KEYS)})" for k in bad])
     load_run_recipe(args.run_dir)  # fail on a bad run dir before loading weights
     model, tok, recipe = load_run(args.run_dir)
+    if set(extra) & {"text_column", "text_pair_column", "label_column"} and "column_map" not in extra:
+        extra["column_map"] = {}  # columns named on the command line are the data's own names: no recipe renames
     if extra:
         merged = resolve({**recipe.to_dict(), **extra}, source=recipe.source)
         recipe = replace(recipe, args=merged.args)
