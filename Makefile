@@ -29,6 +29,8 @@ bench: setup
 	$(BIN)/pytest -q -m slow
 	$(BIN)/python benchmarks/cls_tweets.py
 	$(BIN)/python benchmarks/sft_smollm2.py
+	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/merge_compress.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -30,9 +30,10 @@ QLORA = ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4"]
 CONFIGS = {
     "smollm2-lora": (SMOL, 2000, []),
     "smollm2-qlora": (SMOL, 2000, QLORA),
-    "minilm-lora": (MINILM, 2000, ["--learning_rate", "1e-3"]),
-    "minilm-qlora": (MINILM, 2000, ["--learning_rate", "1e-3", *QLORA]),
-    "minilm-lora-4k-2ep": (MINILM, 4000, ["--learning_rate", "1e-3", "--num_train_epochs", "2"]),
+    # An encoder has no LM head to start the classifier from: a random head.
+    "minilm-lora": (MINILM, 2000, ["--learning_rate", "1e-3", "--head_init", "random"]),
+    "minilm-qlora": (MINILM, 2000, ["--learning_rate", "1e-3", "--head_init", "random", *QLORA]),
+    "minilm-lora-4k-2ep": (MINILM, 4000, ["--learning_rate", "1e-3", "--head_init", "random", "--num_train_epochs", "2"]),
 }
 KEYS = ("eval_accuracy", "eval_macro_f1", "eval_samples", "train_examples", "epoch", "global_step", "train_runtime",
         "train_samples_per_second", "train_tokens_per_second", "peak_memory_mb")

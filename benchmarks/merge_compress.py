@@ -55,7 +55,7 @@ def table(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cls", type=Path, default=ROOT / "benchmarks/out/smollm2_lora")
+    ap.add_argument("--cls", type=Path, default=ROOT / "benchmarks/out/smollm2-lora")
     ap.add_argument("--sft", type=Path, default=ROOT / "benchmarks/out/sft_smollm2")
     ap.add_argument("--max-samples", type=int, default=500)
     args = ap.parse_args()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ class LoraFtArguments:
     chat_template: Optional[str] = _f(None, "Jinja chat template; default: the tokenizer's own")
     system_prompt: Optional[str] = _f(None, "system turn added to every chat example (and at generation)")
     use_chat_template: Optional[bool] = _f(None, "format turns with the chat template; default: yes when the data has turns and the tokenizer a template")
-    source_template: Optional[str] = _f(None, "seq2seq source, e.g. 'question: {question} context: {context}'")
+    source_template: Optional[str] = _f(None, "model input built from columns: seq2seq 'question: {question} context: {context}'; classification 'Tweet: {text}\\nSentiment:'")
     target_column: Optional[str] = _f(None, "seq2seq target column; SQuAD-style `answers` works directly")
     max_target_length: int = _f(64, "seq2seq target tokens")
     generation_max_new_tokens: int = _f(64, "tokens generated at eval for seq2seq and logged samples")
@@ -73,6 +74,7 @@ class LoraFtArguments:
     lora_target_modules: Optional[Union[str, list]] = _f(None, "module names, or 'all-linear' (default: all linear but the head)")
     lora_modules_to_save: Optional[list] = _f(None, "modules trained fully and saved; the classifier head is added automatically")
     use_dora: bool = _f(False, "weight-decomposed LoRA")
+    head_init: str = _f("random", "classifier head start: random, or label_words (decoder LMs: each label's row = the LM-head row of the label's first token; pair with source_template)")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
     init_lora_weights: Union[bool, str] = _f(True, "true, gaussian, pissa, olora, loftq ...")
     # --- quantization (bitsandbytes)
@@ -291,6 +293,14 @@ def _check_values(args: LoraFtArguments, trainer: dict[str, Any]) -> list[str]:
         p.append("labels: contains duplicates; list each label once")
     if args.labels is not None and len(args.labels) < 2:
         p.append("labels: a classifier needs at least 2 labels")
+    if args.task == "sequence-classification" and args.source_template:
+        fields = [f for _, f, _, _ in string.Formatter().parse(args.source_template) if f]
+        if fields != [args.text_column]:
+            p.append(f"source_template: a classification template holds {{{args.text_column}}} (the text_column) exactly once, got {fields or 'no field'}")
+    if args.head_init not in ("random", "label_words"):
+        p.append(f"head_init: '{args.head_init}' is not one of random, label_words")
+    elif args.head_init == "label_words" and args.task != "sequence-classification":
+        p.append("head_init: label_words applies to task: sequence-classification only")
     if args.task == "seq2seq" and trainer.get("fp16"):
         p.append("fp16: T5-family models overflow to NaN in fp16; use bf16: true or fp32")
     if trainer.get("bf16") and trainer.get("fp16"):

@@ -44,13 +44,15 @@ def classify(model, tok, texts: list[str], recipe: Recipe, batch_size: int = 32,
     """One {"text", "label", "score", "scores"} per text, in input order."""
     import torch
 
+    from .tasks.classification import render_texts
+
     names = [model.config.id2label[i] for i in range(len(model.config.id2label))] if not recipe.args.labels else list(recipe.args.labels)
     out = []
     device = next(model.parameters()).device
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
         pair = pairs[i : i + batch_size] if pairs else None
-        enc = tok(chunk, pair, truncation=True, max_length=recipe.args.max_length, padding=True, return_tensors="pt").to(device)
+        enc = tok(render_texts(chunk, recipe.args), pair, truncation=True, max_length=recipe.args.max_length, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
             probs = model(**enc).logits.float().softmax(-1).cpu()
         for text, row in zip(chunk, probs):
@@ -138,9 +140,21 @@ def render_prompt(tok, prompt, chat: bool, system_prompt: Optional[str] = None) 
 
 def generate_texts(model, tok, prompts: list, max_new_tokens: int = 64, temperature: float = 0.0, chat: bool = False,
                    system_prompt: Optional[str] = None, seed: int = 0, max_length: Optional[int] = None) -> list[dict]:
-    """Greedy at temperature 0. Returns {"completion", "stopped"} per prompt; stopped = ended on EOS/end-of-turn.
+    """Greedy at temperature 0. Returns {"completion", "stopped", ...} per prompt; stopped = ended on EOS/end-of-turn.
 
     max_length: encoder-decoder sources are cut there, as training cut them (the recipe's max_length)."""
+    import torch
+
+    torch.manual_seed(seed)
+    # One at a time: no padding, so outputs do not depend on batch composition (the server relies on this).
+    return [generate_one(model, tok, p, max_new_tokens, temperature, chat, system_prompt, max_length) for p in prompts]
+
+
+def generate_one(model, tok, prompt, max_new_tokens: int = 64, temperature: float = 0.0, chat: bool = False,
+                 system_prompt: Optional[str] = None, max_length: Optional[int] = None, streamer=None) -> dict:
+    """{"completion", "stopped", "prompt_tokens", "completion_tokens"} for one prompt (a string, or chat messages).
+
+    streamer: a transformers streamer that receives the new tokens as they are made (the server's SSE)."""
     import torch
 
     was_training = model.training
@@ -149,23 +163,22 @@ def generate_texts(model, tok, prompts: list, max_new_tokens: int = 64, temperat
     eos = _eos_ids(model, tok, chat)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     encdec = getattr(model.config, "is_encoder_decoder", False)
-    results = []
-    torch.manual_seed(seed)
-    for p in prompts:  # one at a time: no padding, so outputs do not depend on batch composition
-        if encdec:
-            ids = tok(p, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"].to(device)
-        else:
-            ids = torch.tensor([render_prompt(tok, p, chat, system_prompt)], device=device)
-        kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-        kw.update(do_sample=True, temperature=temperature) if temperature > 0 else kw.update(do_sample=False)
+    if encdec:
+        ids = tok(prompt, truncation=True, max_length=max_length, return_tensors="pt")["input_ids"].to(device)
+    else:
+        ids = torch.tensor([render_prompt(tok, prompt, chat, system_prompt)], device=device)
+    kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, streamer=streamer)
+    kw.update(do_sample=True, temperature=temperature) if temperature > 0 else kw.update(do_sample=False)
+    try:
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
-        new = out[0] if encdec else out[0, ids.shape[1]:]
-        new = [t for t in new.tolist() if not (encdec and t == pad)] if encdec else new.tolist()
-        stopped = any(t in eos for t in new)
-        if stopped:
-            new = new[: next(i for i, t in enumerate(new) if t in eos)]
-        results.append({"completion": tok.decode(new, skip_special_tokens=True).strip(), "stopped": stopped})
-    if was_training:
-        model.train()
-    return results
+    finally:
+        if was_training:
+            model.train()
+    new = out[0] if encdec else out[0, ids.shape[1]:]
+    new = [t for t in new.tolist() if not (encdec and t == pad)] if encdec else new.tolist()
+    stopped = any(t in eos for t in new)
+    if stopped:
+        new = new[: next(i for i, t in enumerate(new) if t in eos)]
+    return {"completion": tok.decode(new, skip_special_tokens=True).strip(), "stopped": stopped,
+            "prompt_tokens": int(ids.shape[1]), "completion_tokens": len(new) + int(stopped)}

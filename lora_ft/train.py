@@ -67,6 +67,8 @@ def train(recipe: Recipe) -> Path:
 
     model, new_params = load_model(a, auto_class(task), **task.model_kwargs(data))
     task.setup_model(model, tokenizer)
+    if a.head_init == "label_words" and not a.adapter_name_or_path:
+        task.init_head_from_label_words(model, tokenizer, a.labels, a.model_name_or_path)
     modules_to_save = sorted(set(a.lora_modules_to_save or []) | set(new_top_modules(model, new_params)))
     model = attach_peft(model, a, task.PEFT_TASK_TYPE, modules_to_save, targs.gradient_checkpointing)
     trainable, total = count_parameters(model)

@@ -227,3 +227,68 @@ def test_same_seed_same_run(tmp_path, tiny_gpt2, tiny_data):
     assert any(not wa[k].equal(wc[k]) for k in wa)  # the seed matters
     assert not (a / "eval_predictions.jsonl").exists()  # eval_split: none
     assert "eval_accuracy" not in json.loads((a / "metrics.json").read_text())
+
+
+def test_source_template_is_applied_in_training_and_serving(tmp_path, tiny_gpt2, tiny_data, capsys):
+    """A prompt around the text (decoder classifiers read the last token) is the same at train, eval and predict time."""
+    template = "Text: {text}\nLabel:"
+    recipe = cls_recipe(tmp_path / "tmpl.yaml", tiny_gpt2, tiny_data, max_steps=2, source_template=template)
+    run_dir = train_in_process(recipe, tmp_path / "run")
+    assert load_run_recipe(run_dir).args.source_template == template
+    rows = eval_rows(run_dir)
+    got = predict(capsys, run_dir, [r["text"] for r in rows])
+    assert [g["text"] for g in got] == [r["text"] for r in rows]  # outputs name the user's text, not the prompt
+    assert all(g["score"] == pytest.approx(r["score"], abs=1e-4) for g, r in zip(got, rows))
+
+    # The template really reaches the model: scores differ from the same texts without it.
+    import torch
+
+    from lora_ft.inference import classify, load_run
+
+    model, tok, saved = load_run(run_dir)
+    texts = [r["text"] for r in rows[:6]]
+    with torch.no_grad():
+        bare = model(**tok(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    templated = torch.tensor([[p["scores"][n] for n in LABELS] for p in classify(model, tok, texts, saved)])
+    assert not torch.allclose(bare, templated, atol=1e-3)
+
+
+def test_head_init_from_label_words(tmp_path, tiny_gpt2, tiny_bert, tiny_llama, tiny_data):
+    """The head starts as the LM's scores for each label's first token; models or labels without them are refused."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from conftest import write_csv
+    from lora_ft.errors import RecipeError
+    from lora_ft.modeling import fix_pad_token
+    from lora_ft.tasks.classification import init_head_from_label_words, label_kwargs
+
+    words = ["bad", "fine", "happy"]  # distinct first tokens in the tiny BPE (" negative"/" neutral" share " ne")
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    fix_pad_token(tok)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, **label_kwargs(words))
+    init_head_from_label_words(model, tok, words, str(tiny_gpt2))
+    ids = [tok(" " + n, add_special_tokens=False)["input_ids"][0] for n in words]
+    assert model.score.weight.equal(model.get_input_embeddings().weight[ids])  # GPT-2 ties its LM head
+    with pytest.raises(RecipeError, match="share a first token"):
+        init_head_from_label_words(model, tok, LABELS, str(tiny_gpt2))
+
+    bert = AutoModelForSequenceClassification.from_pretrained(tiny_bert, **label_kwargs(words))
+    with pytest.raises(RecipeError, match="score"):
+        init_head_from_label_words(bert, AutoTokenizer.from_pretrained(tiny_bert), words, str(tiny_bert))
+    llama = AutoModelForSequenceClassification.from_pretrained(tiny_llama, **label_kwargs(words))  # untied, no lm_head saved
+    with pytest.raises(RecipeError, match="lm_head"):
+        init_head_from_label_words(llama, AutoTokenizer.from_pretrained(tiny_llama), words, str(tiny_llama))
+
+    # Through a real run: the saved head is one small step from the label rows, not a random init.
+    rename = dict(zip(LABELS, words))
+    rows = [{**r, "label": rename[r["label"]]} for r in read_rows(tiny_data / "train.csv")]
+    data = tmp_path / "data"
+    write_csv(data / "train.csv", rows)
+    recipe = cls_recipe(tmp_path / "lw.yaml", tiny_gpt2, data, labels=words, max_steps=2, warmup_steps=0, head_init="label_words",
+                        source_template="{text} Sentiment:", eval_split="none")
+    run_dir = train_in_process(recipe, tmp_path / "run")
+    from safetensors.torch import load_file
+
+    head = next(v for k, v in load_file(run_dir / "adapter_model.safetensors").items() if "score" in k)
+    assert head.shape == model.score.weight.shape
+    assert 0 < (head - model.score.weight).abs().max() < 0.1

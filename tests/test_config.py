@@ -48,7 +48,7 @@ def test_parse_overrides_forms():
 
 def test_cli_text_values_stay_text():
     """YAML would read `no` as false and `a: {b}` as a mapping; text keys must keep what was typed."""
-    r = load_recipe(None, ["--model_name_or_path", "m", "--dataset_name", "d", "--eval_strategy", "no",
+    r = load_recipe(None, ["--model_name_or_path", "m", "--dataset_name", "d", "--task", "seq2seq", "--eval_strategy", "no",
                            "--source_template", "question: {question} context: {context}", "--lora_target_modules", "all-linear"])
     assert r.trainer["eval_strategy"] == "no"
     assert r.args.source_template == "question: {question} context: {context}"
@@ -136,6 +136,8 @@ def test_every_problem_is_reported_at_once():
     ({"max_train_samples": 0}, "max_train_samples:"),
     ({"learning_rate": -1.0}, "learning_rate:"),
     ({"bf16": True, "fp16": True}, "bf16, fp16:"),
+    ({"source_template": "Review: {review}"}, "source_template:"),  # a classification template holds text_column
+    ({"source_template": "no field at all"}, "source_template:"),
 ])
 def test_bad_combinations_fail_before_loading(raw, culprit):
     probs = problems_of({**BASE, **raw})

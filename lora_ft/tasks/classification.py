@@ -109,10 +109,17 @@ def prepare_data(recipe, tokenizer) -> PreparedData:
     return PreparedData(train_tok, eval_tok, names, eval_texts, notes, train_tokens)
 
 
+def render_texts(texts: list, a) -> list[str]:
+    """The model's input: each text through `source_template` when the recipe has one (training, eval and serving alike)."""
+    if not a.source_template:
+        return [str(t) for t in texts]
+    return [a.source_template.format(**{a.text_column: str(t)}) for t in texts]
+
+
 def tokenize(ds, tokenizer, a):
     def fn(batch):
         pair = batch[a.text_pair_column] if a.text_pair_column else None
-        return tokenizer(batch[a.text_column], pair, truncation=True, max_length=a.max_length)
+        return tokenizer(render_texts(batch[a.text_column], a), pair, truncation=True, max_length=a.max_length)
 
     keep = {"labels"}
     return ds.map(fn, batched=True, remove_columns=[c for c in ds.column_names if c not in keep], desc="tokenizing")
@@ -136,6 +143,41 @@ def setup_model(model, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+
+
+def init_head_from_label_words(model, tokenizer, label_names: list[str], model_name_or_path: str) -> None:
+    """Start the head as the LM's own next-token scores for the label words: a zero-shot classifier to fine-tune.
+
+    Row i of the head becomes the output-embedding row of the first token of " <label i>", so with a source_template
+    ending in a cue ("Sentiment:") the untrained head already ranks labels as the language model would.
+    """
+    import torch
+
+    from ..errors import RecipeError
+    from ..modeling import resolve_model_path
+
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear):
+        raise RecipeError([f"head_init: label_words needs a decoder LM classifier (a `score` head); {type(model).__name__} has none"])
+    ids = [tokenizer(" " + name, add_special_tokens=False)["input_ids"][0] for name in label_names]
+    if len(set(ids)) < len(ids):
+        raise RecipeError([f"head_init: labels {label_names} share a first token; rename them apart or use head_init: random"])
+    if getattr(model.config, "tie_word_embeddings", False):
+        rows = model.get_input_embeddings().weight[ids]
+    else:  # the classification model dropped lm_head: read its rows from the checkpoint
+        from safetensors import safe_open
+
+        rows = None
+        for f in sorted(Path(resolve_model_path(model_name_or_path)).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as st:
+                if "lm_head.weight" in st.keys():
+                    rows = st.get_slice("lm_head.weight")[ids]
+        if rows is None:
+            raise RecipeError([f"head_init: no lm_head.weight in {model_name_or_path}; use head_init: random"])
+    with torch.no_grad():
+        head.weight.copy_(rows.to(head.weight.dtype))
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 def compute_metrics(eval_pred) -> dict:

@@ -1,0 +1,1 @@
+"""REST serving: `lora-ft serve`."""

@@ -1,0 +1,113 @@
+"""The models a server holds: run dirs and merged folders, with runs on one base sharing one copy of its weights."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import LoraFtError
+
+NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+@dataclass
+class Group:
+    """One model object in memory. peft's active adapter is global to it, so every forward holds `lock`."""
+
+    model: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    adapters: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ServedModel:
+    id: str
+    path: Path
+    task: str
+    recipe: Any
+    tok: Any
+    group: Group
+    adapter: Optional[str]  # peft adapter name inside group.model; None for a whole (merged) model
+    generation_config: Any = None  # the run's own (its EOS ids), set on the shared model with the adapter
+
+    @property
+    def chat(self) -> bool:
+        return bool(self.recipe.args.use_chat_template)
+
+    def activate(self) -> Any:
+        """The model, switched to this run's adapter (call with group.lock held)."""
+        if self.adapter is not None and self.group.model.active_adapter != self.adapter:
+            self.group.model.set_adapter(self.adapter)
+        if self.generation_config is not None:
+            self.group.model.generation_config = self.generation_config
+        return self.group.model
+
+
+def parse_specs(specs: list[str]) -> list[tuple[str, Path]]:
+    """`PATH` or `NAME=PATH` -> (name, path); the name defaults to the folder name. Names must be unique."""
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).resolve().name, spec
+        if not NAME_OK.match(name):
+            raise LoraFtError(f"serve: model name '{name}' must be 1-128 letters, digits or ._:-; use NAME=PATH")
+        if name in [n for n, _ in out]:
+            raise LoraFtError(f"serve: two models named '{name}'; name them apart with NAME=PATH")
+        out.append((name, Path(path)))
+    if not out:
+        raise LoraFtError("serve: no models; pass one or more run dirs or merged folders")
+    return out
+
+
+def _base_key(recipe) -> tuple:
+    a = recipe.args
+    return (a.model_name_or_path, a.task, len(a.labels or []), a.load_in_4bit, a.load_in_8bit, a.dtype)
+
+
+def load_models(specs: list[str]) -> dict[str, ServedModel]:
+    """Load every model once; adapters whose base, task, label count and quantization agree share one base."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from ..config import load_run_recipe
+    from ..inference import load_run
+    from ..modeling import fix_pad_token, load_model
+    from ..runs import require_run_dir
+    from ..tasks import auto_class, get_task
+
+    groups: dict[tuple, Group] = {}
+    served: dict[str, ServedModel] = {}
+    for name, path in parse_specs(specs):
+        p = require_run_dir(path)
+        recipe = load_run_recipe(p)
+        if not (p / "adapter_config.json").is_file():  # merged or fully fine-tuned: a model of its own
+            model, tok, recipe = load_run(p)
+            served[name] = ServedModel(name, p, recipe.args.task, recipe, tok, Group(model), None)
+            continue
+        a = recipe.args
+        task = get_task(a.task)
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=a.trust_remote_code)
+        fix_pad_token(tok)
+        key = _base_key(recipe)
+        adapter = f"a{len(served)}"  # peft names become module keys: no dots, so not the user's name
+        if key not in groups:
+            extra = task.label_kwargs(a.labels) if a.labels and hasattr(task, "label_kwargs") else {}
+            base, _ = load_model(a, auto_class(task), training=False, **extra)
+            task.setup_model(base, tok)
+            groups[key] = Group(PeftModel.from_pretrained(base, str(p), adapter_name=adapter))
+        else:
+            groups[key].model.load_adapter(str(p), adapter_name=adapter)
+        group = groups[key]
+        group.adapters.append(adapter)
+        group.model.eval()
+        gen = None
+        if (p / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(str(p))
+        served[name] = ServedModel(name, p, a.task, recipe, tok, group, adapter, gen)
+    return served
