@@ -18,6 +18,7 @@ from .config import RECIPE_FILE, read_recipe_file
 from .errors import RunDirError
 
 METRICS_FILE = "metrics.json"
+STAGE = ".saving"  # final files are written here, then moved into the run dir
 # Keys that make two recipes "the same run" for the purpose of reusing an output_dir.
 IDENTITY_KEYS = ("task", "model_name_or_path", "dataset_name")
 

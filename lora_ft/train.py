@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 from .config import Recipe, save_recipe, trainer_args_class
-from .errors import RecipeError
+from .doctor import WARN, blocking, sft_label_checks, static_checks
+from .errors import LoraFtError, RecipeError
 from .hardware import bf16_supported, cuda_available, peak_memory_mb, reset_peak_memory
 from .modeling import (
     attach_peft,
@@ -16,7 +20,7 @@ from .modeling import (
     load_tokenizer,
     new_top_modules,
 )
-from .runs import METRICS_FILE, check_output_dir, write_json
+from .runs import METRICS_FILE, STAGE, check_output_dir, write_json
 from .tasks import auto_class, get_task
 
 
@@ -47,6 +51,21 @@ def log(trainer_args, msg: str) -> None:
         print(f"[lora_ft] {msg}", flush=True)
 
 
+def preflight(recipe: Recipe, targs) -> None:
+    """`lora-ft doctor`'s model checks before any weights load: failures stop the run, warnings are printed."""
+    checks, _ = static_checks(recipe)
+    _stop_on_failures(checks, targs)
+
+
+def _stop_on_failures(checks, targs) -> None:
+    for c in checks:
+        if c.status == WARN and not c.fixed and targs.process_index == 0:
+            print(f"[lora_ft] warning: {c.name}: {c.detail}", file=sys.stderr, flush=True)
+    failed = blocking(checks)
+    if failed:
+        raise LoraFtError(f"{failed[0].name}: {failed[0].detail} (`lora-ft doctor RECIPE` lists every check)")
+
+
 def train(recipe: Recipe) -> Path:
     a = recipe.args
     task = get_task(a.task)
@@ -58,10 +77,13 @@ def train(recipe: Recipe) -> Path:
 
     set_seed(targs.seed)  # before the model loads: a fresh head's init must be reproducible too
 
+    preflight(recipe, targs)
     tokenizer = load_tokenizer(a)
     data = task.prepare_data(recipe, tokenizer)
     for note in data.notes:
         log(targs, note)
+    if a.task == "causal-lm":
+        _stop_on_failures(sft_label_checks(tokenizer, data, recipe), targs)
     if hasattr(data, "label_names"):
         a.labels = data.label_names  # the saved recipe records label order: ids mean the same at serving time
 
@@ -87,25 +109,40 @@ def train(recipe: Recipe) -> Path:
     result = trainer.train(resume_from_checkpoint=_resume_arg(recipe, run_dir))
     runtime = time.time() - started
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(run_dir))
-    if trainer.is_world_process_zero():
-        # The trainer pickles its arguments here; the resolved recipe holds them, and run dirs stay pickle-free.
-        (run_dir / "training_args.bin").unlink(missing_ok=True)
-    metrics = _train_metrics(result, trainer, data, runtime, world)
-    if data.eval is not None:
-        metrics.update(task.final_eval(trainer, data, run_dir))
-    metrics["peak_memory_mb"] = round(peak_memory_mb(), 1)
-    metrics["data_notes"] = list(data.notes)  # dropped empty rows, held-out splits: counted, never silent
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(run_dir))
-        _save_generation_config(trainer.model, run_dir)
-        save_recipe(recipe, run_dir)
-        write_json(run_dir / METRICS_FILE, metrics)
-        write_json(run_dir / "log_history.json", trainer.state.log_history)
-        from .plots import plot_loss_curve
+    # Everything final is written to run_dir/.saving first and moved in at the end: a save that fails (a full disk)
+    # leaves the run dir as it was (checkpoints included), never half an adapter.
+    stage = run_dir / STAGE
+    try:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir(parents=True)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(stage))
+        metrics = _train_metrics(result, trainer, data, runtime, world)
+        if data.eval is not None:
+            metrics.update(task.final_eval(trainer, data, stage))
+        metrics["peak_memory_mb"] = round(peak_memory_mb(), 1)
+        metrics["data_notes"] = list(data.notes)  # dropped empty rows, held-out splits: counted, never silent
+        if trainer.is_world_process_zero():
+            # The trainer pickles its arguments here; the resolved recipe holds them, and run dirs stay pickle-free.
+            (stage / "training_args.bin").unlink(missing_ok=True)
+            tokenizer.save_pretrained(str(stage))
+            _save_generation_config(trainer.model, stage)
+            save_recipe(recipe, stage)
+            write_json(stage / "log_history.json", trainer.state.log_history)
+            from .plots import plot_loss_curve
 
-        plot_loss_curve(trainer.state.log_history, run_dir / "loss_curve.png")
+            plot_loss_curve(trainer.state.log_history, stage / "loss_curve.png")
+            write_json(stage / METRICS_FILE, metrics)  # last: its presence marks a finished run
+            for f in sorted(stage.iterdir(), key=lambda f: f.name == METRICS_FILE):
+                os.replace(f, run_dir / f.name)
+            stage.rmdir()
+    except OSError as e:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(stage, ignore_errors=True)
+        raise LoraFtError(f"output_dir {run_dir}: saving the run failed ({e.strerror or e}); free disk space and rerun "
+                          "(checkpoints are kept: --resume_from_checkpoint true)") from None
+    if trainer.is_world_process_zero():
         summary = {k: metrics[k] for k in metrics if k.startswith("eval_") and isinstance(metrics[k], float)}
         log(targs, f"saved run dir {run_dir}  " + "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     return run_dir

@@ -164,6 +164,15 @@ def bad_case(name: str, tmp_path, good_recipe, tiny_data):
         data.mkdir()
         (data / "train.csv").write_bytes("text,label\nun caf\xe9 tr\xe8s bon,positive\nbof,negative\n".encode("latin-1"))
         extra, culprits = ["--dataset_name", str(data), "--eval_split", "none"], ["train.csv", "UTF-8"]
+    elif name == "empty_dataset":
+        data = tmp_path / "blank"
+        data.mkdir()
+        (data / "train.csv").write_text("text,label\n ,positive\n\t,negative\n", encoding="utf-8")
+        extra, culprits = ["--dataset_name", str(data), "--eval_split", "none"], ["no rows left", "text_column"]
+    elif name == "not_a_dataset":
+        data = tmp_path / "notes.docx"
+        data.write_bytes(b"PK\x03\x04 not a table")
+        extra, culprits = ["--dataset_name", str(data)], ["notes.docx"]
     elif name == "different_run":
         out.mkdir()
         write_recipe(out / "lora_ft_recipe.yaml", model_name_or_path="someone/else", dataset_name="other",
@@ -180,7 +189,7 @@ def bad_case(name: str, tmp_path, good_recipe, tiny_data):
 
 
 BAD = ["malformed_yaml", "unknown_key", "wrong_type", "two_problems", "missing_recipe", "missing_dataset",
-       "missing_column", "label_outside", "non_utf8", "different_run", "not_a_run"]
+       "missing_column", "label_outside", "non_utf8", "empty_dataset", "not_a_dataset", "different_run", "not_a_run"]
 
 
 @pytest.fixture()
@@ -223,7 +232,7 @@ def test_bad_train_input_real_process(name, tmp_path, good_recipe, tiny_data):
 def test_train_without_recipe_file_takes_overrides(tmp_path, tiny_gpt2, capsys):
     """`lora-ft train --key value ...` alone: the first override's value is not mistaken for a recipe path."""
     missing = tmp_path / "absent_data"
-    rc = main(["train", "--model_name_or_path", str(tiny_gpt2), "--dataset_name", str(missing), "--output_dir", str(tmp_path / "o")])
+    rc = main(["train", "--model_name_or_path", str(tiny_gpt2), "--dataset_name", str(missing), "--output_dir", str(tmp_path / "o"), "--max_length", "32"])
     err = capsys.readouterr().err
     assert rc == 2 and "absent_data" in err and "not found" not in err
 
@@ -254,3 +263,31 @@ def test_eval_column_flags_win_over_the_recipe_column_map(tiny_bert, tiny_data, 
     capsys.readouterr()
     assert main(["eval", str(run), "--dataset_name", str(data / "test.csv"), "--label_column", "sentiment"]) == 0
     assert json.loads(capsys.readouterr().out)["eval_samples"] > 0
+
+
+def test_disk_full_while_saving_leaves_no_half_run(tmp_path, good_recipe, capsys, monkeypatch):
+    """A save that fails (ENOSPC) ends in exit 2 and one line; the run dir holds no adapter, metrics or staging folder."""
+    import errno
+
+    import lora_ft.train
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lora_ft.train, "save_recipe", full)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["train", str(good_recipe), "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "No space left on device" in err and "Traceback" not in err
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [n for n in left if not n.startswith(("checkpoint-", "runs"))], left
+
+
+def test_texts_far_beyond_max_length_are_cut_not_fatal(tmp_path, tiny_gpt2, tiny_data, capsys):
+    rows = read_rows(tiny_data / "train.csv")
+    rows[0]["text"] = "very long " * 5000
+    data = tmp_path / "long"
+    write_csv(data / "train.csv", rows)
+    recipe = cls_recipe(tmp_path / "r.yaml", tiny_gpt2, data, max_steps=1, eval_split="none")
+    assert main(["train", str(recipe), "--output_dir", str(tmp_path / "run")]) == 0

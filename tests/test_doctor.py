@@ -1,0 +1,119 @@
+"""`lora-ft doctor`: each trap is caught from config, tokenizer and data alone; train runs the same checks first."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import cls_recipe, read_rows, write_csv, write_recipe
+from fixtures_gen import llama_models  # noqa: F401  (fixture used by name)
+from lora_ft.cli import main
+from test_causal_lm import FAST as SFT_FAST
+from test_causal_lm import chat_rows, data_dir
+
+# A template that closes turns with plain text: no special token marks the end of an answer, and no EOS either.
+NO_STOP_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def doctor(capsys, recipe, *overrides) -> tuple[int, dict[str, tuple[str, str]]]:
+    capsys.readouterr()
+    rc = main(["doctor", str(recipe), *map(str, overrides)])
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines()[1:]:  # fixed columns: name (22), status (6), detail
+        name, status, detail = line[:22].strip(), line[23:29].strip(), line[30:]
+        if status in ("pass", "warn", "fail"):
+            rows.setdefault(name, (status, detail))
+    return rc, rows
+
+
+def statuses(rows) -> dict[str, str]:
+    return {k: v[0] for k, v in rows.items()}
+
+
+def test_clean_classification_recipe(tmp_path, tiny_bert, tiny_data, capsys):
+    rc, rows = doctor(capsys, cls_recipe(tmp_path / "r.yaml", tiny_bert, tiny_data))
+    assert rc == 0, rows
+    assert statuses(rows) == {"recipe": "pass", "model": "pass", "pad token": "pass", "max_length": "pass",
+                              "classifier head": "pass", "memory": "pass", "data": "pass"}
+    assert "no weights loaded" in rows["model"][1]
+
+
+def test_missing_pad_token_is_a_warning_lora_ft_fixes(tmp_path, tiny_gpt2, tiny_data, capsys):
+    rc, rows = doctor(capsys, cls_recipe(tmp_path / "r.yaml", tiny_gpt2, tiny_data))
+    assert rc == 0 and rows["pad token"][0] == "warn" and "pad_token_id" in rows["pad token"][1]
+
+
+def test_max_length_beyond_positions_fails_in_doctor_and_train(tmp_path, tiny_gpt2, tiny_data, capsys):
+    recipe = cls_recipe(tmp_path / "r.yaml", tiny_gpt2, tiny_data, max_length=512)  # the tiny GPT-2 has 128 positions
+    rc, rows = doctor(capsys, recipe)
+    assert rc == 1 and rows["max_length"][0] == "fail" and "128" in rows["max_length"][1]
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "max_length" in err and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_head_that_comes_with_the_checkpoint_must_be_listed(tmp_path, tiny_gpt2, tiny_data, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    with_head = tmp_path / "with-head"
+    AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=3).save_pretrained(with_head)
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(with_head)
+    rc, rows = doctor(capsys, cls_recipe(tmp_path / "r.yaml", with_head, tiny_data))
+    assert rows["classifier head"][0] == "warn" and "lora_modules_to_save" in rows["classifier head"][1]
+    rc, rows = doctor(capsys, cls_recipe(tmp_path / "r2.yaml", with_head, tiny_data, lora_modules_to_save=["score"]))
+    assert rows["classifier head"][0] == "pass"
+
+
+def test_labels_outside_the_set_fail(tmp_path, tiny_bert, tiny_data, capsys):
+    rows = read_rows(tiny_data / "train.csv")
+    rows[5]["label"] = "angry"
+    data = tmp_path / "data"
+    write_csv(data / "train.csv", rows)
+    write_csv(data / "test.csv", read_rows(tiny_data / "test.csv"))
+    rc, checks = doctor(capsys, cls_recipe(tmp_path / "r.yaml", tiny_bert, data))
+    assert rc == 1 and checks["data"][0] == "fail" and "angry" in checks["data"][1] and "labels" in checks["data"][1]
+
+
+def test_empty_split_fails(tmp_path, tiny_bert, capsys):
+    data = tmp_path / "data"
+    write_csv(data / "train.csv", [{"text": " ", "label": "positive"}] * 5)
+    rc, checks = doctor(capsys, cls_recipe(tmp_path / "r.yaml", tiny_bert, data))
+    assert rc == 1 and checks["data"][0] == "fail" and "no rows left" in checks["data"][1]
+
+
+def test_8bit_with_fsdp_fails(tmp_path, tiny_llama, tiny_data, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    rc, rows = doctor(capsys, cls_recipe(tmp_path / "r.yaml", tiny_llama, tiny_data, load_in_8bit=True))
+    assert rc == 1 and rows["quantization"][0] == "fail"
+    rc, rows = doctor(capsys, cls_recipe(tmp_path / "r4.yaml", tiny_llama, tiny_data, load_in_4bit=True))
+    assert rows["quantization"][0] == "warn" and "bnb_4bit_quant_storage" in rows["quantization"][1]
+
+
+def test_memory_beyond_the_device_fails(tmp_path, tiny_bert, tiny_data, capsys, monkeypatch):
+    import lora_ft.memory
+
+    monkeypatch.setattr(lora_ft.memory, "device_memory_gb", lambda: ("RAM available", 0.01))
+    rc, rows = doctor(capsys, cls_recipe(tmp_path / "r.yaml", tiny_bert, tiny_data))
+    assert rc == 1 and rows["memory"][0] == "fail" and "per_device_train_batch_size" in rows["memory"][1]
+
+
+def test_recipe_errors_are_failed_checks(tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="m", dataset_name="d", lerning_rate=1, bf16=True, fp16=True)
+    rc, rows = doctor(capsys, recipe)
+    assert rc == 1 and rows["recipe"][0] == "fail"
+
+
+def test_sft_checks_stop_token_and_template(tmp_path, llama_models, capsys):  # noqa: F811
+    data = data_dir(tmp_path / "data", chat_rows())
+    good = write_recipe(tmp_path / "good.yaml", model_name_or_path=str(llama_models[1]), dataset_name=str(data), **SFT_FAST)
+    rc, rows = doctor(capsys, good)
+    assert rc == 0 and rows["eos in labels"][0] == "pass" and rows["chat template"][0] == "pass"
+
+    bad = write_recipe(tmp_path / "bad.yaml", model_name_or_path=str(llama_models[1]), dataset_name=str(data),
+                       chat_template=NO_STOP_TEMPLATE, **SFT_FAST)
+    rc, rows = doctor(capsys, bad)
+    assert rc == 1 and rows["eos in labels"][0] == "fail" and "will not stop" in rows["eos in labels"][1]
+    assert main(["train", str(bad), "--output_dir", str(tmp_path / "run")]) == 2  # train refuses it too
