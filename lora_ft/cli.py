@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(args, rest: list[str]) -> int:
-    from .errors import LoraFtError, RecipeError
+    from .errors import LoraFtError, RecipeError, TrainingInterrupted
 
     if args.command != "models":
         _quiet_libraries()
@@ -37,6 +37,9 @@ def run_command(args, rest: list[str]) -> int:
         for line in e.problems:
             print(f"lora-ft: error: {line}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"lora-ft: {e}", file=sys.stderr)
+        return 130
     except LoraFtError as e:
         print(f"lora-ft: error: {e}", file=sys.stderr)
         return 2

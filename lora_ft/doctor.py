@@ -80,7 +80,8 @@ def static_checks(recipe) -> tuple[list[Check], dict]:
         out.append(Check("quantization", FAIL, f"load_in_8bit with {engine}: peft documents QLoRA sharding for 4-bit only; use load_in_4bit"))
     elif engine and a.load_in_4bit and engine in ("fsdp", "zero3"):
         out.append(Check("quantization", WARN, f"4-bit with {engine}: needs bnb_4bit_quant_storage equal to the compute dtype "
-                                               f"({a.bnb_4bit_compute_dtype}) so shards are uniform; see recipes/accelerate/fsdp_qlora.yaml"))
+                                               f"({a.bnb_4bit_compute_dtype}) so shards are uniform; lora_ft sets it when accelerate "
+                                               "launches with FSDP / ZeRO-3 (recipes/accelerate/fsdp_qlora.yaml)", fixed=True))
     elif a.load_in_4bit or a.load_in_8bit:
         out.append(Check("quantization", PASS, f"{'4' if a.load_in_4bit else '8'}-bit base via bitsandbytes" + (f" with {engine}" if engine else "")))
 

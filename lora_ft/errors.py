@@ -19,3 +19,7 @@ class DataError(LoraFtError):
 
 class RunDirError(LoraFtError):
     """A run directory that is missing, incomplete or holds a different run."""
+
+
+class TrainingInterrupted(LoraFtError):
+    """Ctrl-C during training: a checkpoint was saved; the CLI exits 130."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from .builtin_models import resolve_model_path
 from .errors import LoraFtError
@@ -59,6 +60,15 @@ def fix_pad_token(tok) -> None:
         tok.add_special_tokens({"pad_token": "<pad>"})
 
 
+def sharded_engine() -> Optional[str]:
+    """"fsdp" or "zero3" when accelerate launched this process with parameter sharding, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "zero3"
+    return None
+
+
 def quantization_config(args, skip_modules: tuple[str, ...] = ()):
     """A BitsAndBytesConfig for load_in_4bit / load_in_8bit, else None."""
     if not (args.load_in_4bit or args.load_in_8bit):
@@ -67,11 +77,15 @@ def quantization_config(args, skip_modules: tuple[str, ...] = ()):
 
     if args.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules) or None)
+    extra = {}
+    if sharded_engine():  # FSDP / ZeRO-3 shard flat tensors of one dtype: store the 4-bit weights in the compute dtype
+        extra["bnb_4bit_quant_storage"] = _dtype(args.bnb_4bit_compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=args.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=_dtype(args.bnb_4bit_compute_dtype),
         bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
+        **extra,
         # Heads stay full precision: they are trained fully and must survive save/merge.
         llm_int8_skip_modules=list(skip_modules) or None,
     )

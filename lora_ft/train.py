@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import Recipe, save_recipe, trainer_args_class
 from .doctor import WARN, blocking, sft_label_checks, static_checks
-from .errors import LoraFtError, RecipeError
+from .errors import LoraFtError, RecipeError, RunDirError, TrainingInterrupted
 from .hardware import bf16_supported, cuda_available, peak_memory_mb, reset_peak_memory
 from .modeling import (
     attach_peft,
@@ -22,6 +22,7 @@ from .modeling import (
 )
 from .runs import METRICS_FILE, STAGE, check_output_dir, write_json
 from .tasks import auto_class, get_task
+from .trainers import CHECKPOINT_STAGE, RESUME_FILE, stop_callbacks
 
 
 def resolve_hardware(recipe: Recipe) -> None:
@@ -106,8 +107,27 @@ def train(recipe: Recipe) -> Path:
     trainer = task.build_trainer(model, tokenizer, targs, data, callbacks=[])
     reset_peak_memory()
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=_resume_arg(recipe, run_dir))
+    trainer.resume_info = resume_info(recipe, data)
+    trainer.add_callback(stop_callbacks(trainer))
+    resume = _resume_arg(recipe, run_dir)
+    if resume:
+        check_resume(Path(resume) if resume is not True else last_checkpoint(run_dir), trainer.resume_info)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except OSError as e:  # a checkpoint write that failed (full disk): the staged half is dropped, the last whole one kept
+        if trainer.is_world_process_zero():
+            shutil.rmtree(run_dir / CHECKPOINT_STAGE, ignore_errors=True)
+        last = last_checkpoint(run_dir)
+        raise LoraFtError(f"output_dir {run_dir}: writing failed during training ({e.strerror or e}); free disk space and rerun "
+                          + ("with --resume_from_checkpoint true (last whole checkpoint: " + Path(last).name + ")" if last else "")) from None
     runtime = time.time() - started
+    if trainer.nan_step is not None:
+        last = last_checkpoint(run_dir)
+        raise LoraFtError(f"loss became NaN/inf by step {trainer.nan_step}; stopped without saving it"
+                          + (f"; last good checkpoint: {last}" if last else "") + ". Lower learning_rate, or check the data")
+    if trainer.interrupted:
+        raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {last_checkpoint(run_dir)}; "
+                                  "continue with the same command and --resume_from_checkpoint true")
 
     # Everything final is written to run_dir/.saving first and moved in at the end: a save that fails (a full disk)
     # leaves the run dir as it was (checkpoints included), never half an adapter.
@@ -154,6 +174,43 @@ def _save_generation_config(model, run_dir: Path) -> None:
     gc = getattr(base, "generation_config", None)
     if gc is not None and getattr(base, "can_generate", lambda: False)():
         gc.save_pretrained(str(run_dir))
+
+
+RESUME_KEYS = ("task", "model_name_or_path", "dataset_name", "dataset_config", "train_split", "max_train_samples", "max_length",
+               "lora_r", "lora_alpha", "lora_target_modules", "use_dora", "load_in_4bit", "load_in_8bit", "use_peft",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
+
+
+def resume_info(recipe: Recipe, data) -> dict:
+    """What a checkpoint must agree with to be resumed: recipe keys that shape the run, and the data itself."""
+    d = recipe.to_dict()
+    return {"recipe": {k: d.get(k) for k in RESUME_KEYS}, "train_fingerprint": getattr(data.train, "_fingerprint", None),
+            "train_examples": len(data.train)}
+
+
+def last_checkpoint(run_dir: Path):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+
+
+def check_resume(checkpoint, now: dict) -> None:
+    """Refuse a resume whose checkpoint was trained on other data, model or batch layout."""
+    import json
+
+    if checkpoint is None:
+        return
+    path = Path(checkpoint) / RESUME_FILE
+    if not path.is_file():
+        return  # a checkpoint from before lora_ft recorded it, or a foreign one: transformers checks what it can
+    then = json.loads(path.read_text())
+    diff = [f"{k}: {then['recipe'].get(k)} -> {now['recipe'].get(k)}" for k in RESUME_KEYS
+            if str(then["recipe"].get(k)) != str(now["recipe"].get(k))]
+    if then.get("train_fingerprint") != now.get("train_fingerprint") or then.get("train_examples") != now.get("train_examples"):
+        diff.append("the training data changed")
+    if diff:
+        raise RunDirError(f"resume_from_checkpoint: {Path(checkpoint).name} does not match this recipe ({'; '.join(diff)}); "
+                          "restore those settings, or train into a new output_dir")
 
 
 def _resume_arg(recipe: Recipe, run_dir: Path):

@@ -1,20 +1,33 @@
-"""Small, shared adjustments to the upstream trainers."""
+"""Small, shared adjustments to the upstream trainers: ordered eval, atomic checkpoints, Ctrl-C and NaN stops."""
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import shutil
+import signal
+
+CHECKPOINT_STAGE = ".checkpoint-stage"  # a checkpoint is written here whole, then renamed into place
+RESUME_FILE = "lora_ft_resume.json"  # in each checkpoint: the recipe identity and data fingerprint it was trained with
 
 
 @functools.lru_cache(maxsize=None)
-def ordered_eval(trainer_cls):
-    """`trainer_cls` whose evaluation keeps dataset order.
+def lora_ft_trainer(trainer_cls):
+    """`trainer_cls` with lora_ft's adjustments.
 
-    transformers also length-groups the *eval* batches when train_sampling_strategy is group_by_length,
-    which permutes predictions relative to the rows; our metrics and eval_predictions.jsonl pair each
-    prediction with its row (texts, SQuAD references), so evaluation must stay sequential.
+    - Evaluation keeps dataset order: transformers also length-groups *eval* batches under group_by_length, which
+      permutes predictions relative to rows; our metrics and eval_predictions.jsonl pair each prediction with its row.
+    - Checkpoints are atomic: written under run_dir/.checkpoint-stage and renamed, so a crash mid-write never leaves a
+      half checkpoint-N for `resume_from_checkpoint: true` to pick up. Each carries lora_ft_resume.json.
+    - Stop flags set by callbacks (`interrupted`, `nan_step`) keep a bad state from being checkpointed.
     """
 
-    class OrderedEval(trainer_cls):
+    class LoraFtTrainer(trainer_cls):
+        resume_info: dict | None = None
+        interrupted: bool = False
+        nan_step: int | None = None
+
         def _get_eval_sampler(self, eval_dataset):
             from torch.utils.data import SequentialSampler
 
@@ -22,5 +35,90 @@ def ordered_eval(trainer_cls):
                 return None
             return SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
-    OrderedEval.__name__ = OrderedEval.__qualname__ = f"Ordered{trainer_cls.__name__}"
-    return OrderedEval
+        def _save_checkpoint(self, model, trial):
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            if self.nan_step is not None:  # never checkpoint weights a NaN/inf loss has touched
+                return
+            run_dir = self.args.output_dir
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            stage = os.path.join(run_dir, CHECKPOINT_STAGE)
+            if self.args.should_save:
+                shutil.rmtree(stage, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self.args.output_dir = stage
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = run_dir
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                import json
+
+                from transformers.trainer_utils import rotate_checkpoints
+
+                staged = os.path.join(stage, name)
+                if self.resume_info is not None:
+                    with open(os.path.join(staged, RESUME_FILE), "w", encoding="utf-8") as fh:
+                        json.dump(self.resume_info, fh, indent=2)
+                final = os.path.join(run_dir, name)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(staged, final)
+                shutil.rmtree(stage, ignore_errors=True)
+                if self.state.best_global_step:
+                    best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+                    if os.path.isdir(best):
+                        self.state.best_model_checkpoint = best
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            self.accelerator.wait_for_everyone()
+
+    LoraFtTrainer.__name__ = LoraFtTrainer.__qualname__ = f"LoraFt{trainer_cls.__name__}"
+    return LoraFtTrainer
+
+
+def mean_loss(trainer):
+    """Declare that the model's loss is a per-example mean that ignores `num_items_in_batch` (sequence classifiers,
+    T5). Their forward takes **kwargs, so transformers would assume otherwise and then multiply the loss by the
+    process count under DDP and skip the division by gradient_accumulation_steps: gradients N or k times too large."""
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
+
+
+def stop_callbacks(trainer):
+    """Callbacks that stop a run cleanly: on Ctrl-C (checkpoint first) and on a NaN/inf loss (no checkpoint)."""
+    from transformers import TrainerCallback
+
+    class GuardCallback(TrainerCallback):
+        def __init__(self):
+            self.previous = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            try:
+                self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+            except ValueError:  # not the main thread (a server, a notebook worker): leave signals alone
+                self.previous = None
+
+        def _on_sigint(self, signum, frame):
+            trainer.interrupted = True
+            if self.previous is not None:  # a second Ctrl-C stops at once
+                signal.signal(signal.SIGINT, self.previous)
+
+        def on_step_end(self, args, state, control, **kw):
+            if trainer.interrupted:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            # grad_norm too: transformers' logging_nan_inf_filter would smooth a NaN loss out of the log.
+            bad = [k for k in ("loss", "grad_norm") if (logs or {}).get(k) is not None and not math.isfinite(float(logs[k]))]
+            if bad:
+                trainer.nan_step = state.global_step
+                control.should_save = False
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.previous is not None:
+                signal.signal(signal.SIGINT, self.previous)
+
+    return GuardCallback()

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from ..data import apply_column_map, load_eval_split, load_splits, split_off_eval, take
 from ..errors import DataError
-from ..trainers import ordered_eval
+from ..trainers import lora_ft_trainer
 
 AUTO_CLASS = "AutoModelForCausalLM"
 PEFT_TASK_TYPE = "CAUSAL_LM"
@@ -226,7 +226,7 @@ def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
     model.config.use_cache = False
     if data.eval_prompts:
         callbacks = list(callbacks) + [_generation_logger(tok, data.eval_prompts, data.max_new_tokens)]
-    return ordered_eval(SFTTrainer)(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
+    return lora_ft_trainer(SFTTrainer)(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
                       processing_class=tok, callbacks=callbacks)
 
 

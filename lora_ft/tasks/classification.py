@@ -19,7 +19,7 @@ from ..data import (
 )
 from ..errors import DataError
 from ..metrics import classification_report, softmax
-from ..trainers import ordered_eval
+from ..trainers import lora_ft_trainer, mean_loss
 
 AUTO_CLASS = "AutoModelForSequenceClassification"
 PEFT_TASK_TYPE = "SEQ_CLS"
@@ -192,7 +192,7 @@ def compute_metrics(eval_pred) -> dict:
 def build_trainer(model, tokenizer, training_args, data: PreparedData, callbacks):
     from transformers import DataCollatorWithPadding, Trainer
 
-    return ordered_eval(Trainer)(
+    return mean_loss(lora_ft_trainer(Trainer)(
         model=model,
         args=training_args,
         train_dataset=data.train,
@@ -201,14 +201,14 @@ def build_trainer(model, tokenizer, training_args, data: PreparedData, callbacks
         data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8),
         compute_metrics=compute_metrics,
         callbacks=callbacks,
-    )
+    ))
 
 
 def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
     """Full report on the eval split: metrics JSON, confusion matrix PNG, predictions JSONL."""
     from ..plots import plot_confusion_matrix
 
-    out = trainer.predict(data.eval, metric_key_prefix="eval")  # in row order: build_trainer uses ordered_eval
+    out = trainer.predict(data.eval, metric_key_prefix="eval")  # in row order: build_trainer uses lora_ft_trainer
     logits = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
     probs = softmax(np.asarray(logits, dtype=np.float64))
     preds = probs.argmax(-1)

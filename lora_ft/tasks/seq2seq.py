@@ -22,7 +22,7 @@ from ..data import (
 )
 from ..errors import DataError
 from ..metrics import qa_scores
-from ..trainers import ordered_eval
+from ..trainers import lora_ft_trainer, mean_loss
 
 AUTO_CLASS = "AutoModelForSeq2SeqLM"
 PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
@@ -135,11 +135,11 @@ def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
         preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
         return qa_scores(_decode(tok, preds), data.eval_references[: len(preds)])
 
-    return ordered_eval(Seq2SeqTrainer)(
+    return mean_loss(lora_ft_trainer(Seq2SeqTrainer)(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tok,
         data_collator=DataCollatorForSeq2Seq(tok, model=model, pad_to_multiple_of=8),
         compute_metrics=compute_metrics if training_args.predict_with_generate else None, callbacks=callbacks,
-    )
+    ))
 
 
 def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
