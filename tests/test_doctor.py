@@ -117,3 +117,32 @@ def test_sft_checks_stop_token_and_template(tmp_path, llama_models, capsys):  # 
     rc, rows = doctor(capsys, bad)
     assert rc == 1 and rows["eos in labels"][0] == "fail" and "will not stop" in rows["eos in labels"][1]
     assert main(["train", str(bad), "--output_dir", str(tmp_path / "run")]) == 2  # train refuses it too
+
+
+# ---------------------------------------------------------------- lora-ft plan
+
+
+def test_plan_proposes_a_setting_that_fits(tmp_path, tiny_llama, tiny_data, capsys):
+    import json
+
+    from lora_ft.planner import parse_size
+
+    assert parse_size("24GiB") == 24 and parse_size("512MiB") == 0.5 and parse_size("2g") == 2
+    recipe = cls_recipe(tmp_path / "r.yaml", tiny_llama, tiny_data, per_device_train_batch_size=16)
+    capsys.readouterr()
+    assert main(["plan", "--json", "--gpu-memory", "100GiB", str(recipe)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    rows = {(r["mode"], r["batch"], r["gradient_checkpointing"]): r for r in plan["rows"]}
+    assert rows[("qlora4", 16, False)]["weights_gb"] < rows[("lora", 16, False)]["weights_gb"]
+    assert rows[("full", 16, False)]["trainable_state_gb"] > rows[("lora", 16, False)]["trainable_state_gb"]
+    assert rows[("lora", 4, False)]["activations_gb"] < rows[("lora", 16, False)]["activations_gb"]
+    assert plan["proposal"][-4:] == ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"]
+
+    # A budget between the batch-16 and batch-1 estimates: a smaller batch with more accumulation, same effective batch.
+    budget = (rows[("lora", 16, False)]["total_gb"] + rows[("lora", 1, False)]["total_gb"]) / 2
+    assert main(["plan", "--json", "--gpu-memory", f"{budget}GiB", str(recipe)]) == 0
+    got = json.loads(capsys.readouterr().out)["proposal"]
+    b, k = int(got[got.index("--per_device_train_batch_size") + 1]), int(got[got.index("--gradient_accumulation_steps") + 1])
+    assert b < 16 and b * k == 16
+    assert main(["plan", "--gpu-memory", "1KiB", str(recipe)]) == 1
+    assert "nothing fits" in capsys.readouterr().out
