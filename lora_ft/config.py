@@ -74,6 +74,7 @@ class LoraFtArguments:
     lora_target_modules: Optional[Union[str, list]] = _f(None, "module names, or 'all-linear' (default: all linear but the head)")
     lora_modules_to_save: Optional[list] = _f(None, "modules trained fully and saved; the classifier head is added automatically")
     use_dora: bool = _f(False, "weight-decomposed LoRA")
+    search_space: Optional[str] = _f(None, "lora-ft search's default space, e.g. 'learning_rate=loguniform(1e-4,3e-3) lora_r=choice(8,16,32)'")
     head_init: str = _f("random", "classifier head start: random, or label_words (decoder LMs: each label's row = the LM-head row of the label's first token; pair with source_template)")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
     init_lora_weights: Union[bool, str] = _f(True, "true, gaussian, pissa, olora, loftq ...")

@@ -67,7 +67,8 @@ def _stop_on_failures(checks, targs) -> None:
         raise LoraFtError(f"{failed[0].name}: {failed[0].detail} (`lora-ft doctor RECIPE` lists every check)")
 
 
-def train(recipe: Recipe) -> Path:
+def train(recipe: Recipe, callbacks: list | None = None) -> Path:
+    """callbacks: extra transformers TrainerCallbacks (the hyperparameter search reports and prunes through one)."""
     a = recipe.args
     task = get_task(a.task)
     run_dir = Path(recipe.trainer["output_dir"])
@@ -104,7 +105,7 @@ def train(recipe: Recipe) -> Path:
         f"{per_step} examples per step ({targs.per_device_train_batch_size} x {targs.gradient_accumulation_steps} accum x {world} proc); "
         f"~{steps} steps; bf16={targs.bf16} device={targs.device}")
 
-    trainer = task.build_trainer(model, tokenizer, targs, data, callbacks=[])
+    trainer = task.build_trainer(model, tokenizer, targs, data, callbacks=list(callbacks or []))
     reset_peak_memory()
     started = time.time()
     trainer.resume_info = resume_info(recipe, data)
