@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
-from .commands import compare, compress, doctor, export, generate, merge, models, plan, predict, push, search, serve, train
+from .commands import compare, compress, data, doctor, export, generate, merge, models, plan, predict, push, search, serve, train
 from .commands import eval as eval_cmd
 
-COMMANDS = {"train": train, "doctor": doctor, "plan": plan, "search": search, "compare": compare, "eval": eval_cmd, "predict": predict, "generate": generate, "merge": merge, "compress": compress, "export": export, "push": push, "serve": serve, "models": models}
+COMMANDS = {"train": train, "doctor": doctor, "plan": plan, "search": search, "compare": compare, "eval": eval_cmd, "predict": predict, "generate": generate, "merge": merge, "compress": compress, "export": export, "push": push, "serve": serve, "models": models, "data": data}
 
 
 def make_parser() -> argparse.ArgumentParser:

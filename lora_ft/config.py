@@ -74,6 +74,15 @@ class LoraFtArguments:
     lora_target_modules: Optional[Union[str, list]] = _f(None, "module names, or 'all-linear' (default: all linear but the head)")
     lora_modules_to_save: Optional[list] = _f(None, "modules trained fully and saved; the classifier head is added automatically")
     use_dora: bool = _f(False, "weight-decomposed LoRA")
+    clean_lowercase: bool = _f(False, "classification: lowercase texts (training, eval and serving alike)")
+    clean_urls: bool = _f(False, "classification: remove URLs from texts")
+    clean_mentions: bool = _f(False, "classification: remove @mentions from texts")
+    clean_whitespace: bool = _f(False, "classification: collapse runs of whitespace")
+    drop_duplicates: bool = _f(False, "classification: drop repeated train rows (same text and label)")
+    drop_eval_leaks: bool = _f(False, "classification: drop train rows whose text is also in the eval split")
+    augment: Optional[str] = _f(None, "classification, train split only: EDA ops with rates, e.g. 'synonym:0.1,swap:0.1,delete:0.1,insert:0.1'")
+    augment_copies: int = _f(1, "augmented variants added per train row")
+    dataset_mixture: Optional[list] = _f(None, "several train sources: [{dataset_name, split, samples or fraction, column_map}]")
     search_space: Optional[str] = _f(None, "lora-ft search's default space, e.g. 'learning_rate=loguniform(1e-4,3e-3) lora_r=choice(8,16,32)'")
     head_init: str = _f("random", "classifier head start: random, or label_words (decoder LMs: each label's row = the LM-head row of the label's first token; pair with source_template)")
     use_rslora: bool = _f(False, "rank-stabilised scaling alpha / sqrt(r)")
@@ -269,8 +278,8 @@ def _check_values(args: LoraFtArguments, trainer: dict[str, Any]) -> list[str]:
     p = []
     if not args.model_name_or_path:
         p.append("model_name_or_path: required; a Hub id, a local folder or builtin:NAME")
-    if not args.dataset_name:
-        p.append("dataset_name: required; a Hub dataset id or a local file/folder")
+    if not args.dataset_name and not args.dataset_mixture:
+        p.append("dataset_name: required; a Hub dataset id or a local file/folder (or a dataset_mixture)")
     if args.load_in_4bit and args.load_in_8bit:
         p.append("load_in_4bit, load_in_8bit: choose one")
     if (args.load_in_4bit or args.load_in_8bit) and not args.use_peft:
@@ -298,6 +307,23 @@ def _check_values(args: LoraFtArguments, trainer: dict[str, Any]) -> list[str]:
         fields = [f for _, f, _, _ in string.Formatter().parse(args.source_template) if f]
         if fields != [args.text_column]:
             p.append(f"source_template: a classification template holds {{{args.text_column}}} (the text_column) exactly once, got {fields or 'no field'}")
+    cls_only = [k for k in ("clean_lowercase", "clean_urls", "clean_mentions", "clean_whitespace", "drop_duplicates",
+                            "drop_eval_leaks") if getattr(args, k)] + (["augment"] if args.augment else [])
+    if cls_only and args.task != "sequence-classification":
+        p.append(f"{', '.join(cls_only)}: apply to task: sequence-classification only")
+    if args.augment:
+        from .textprep import parse_augment
+
+        try:
+            parse_augment(args.augment)
+        except RecipeError as e:
+            p += e.problems
+    if args.augment_copies < 1:
+        p.append(f"augment_copies: must be at least 1, got {args.augment_copies}")
+    if args.dataset_mixture is not None:
+        from .data import mixture_problems
+
+        p += mixture_problems(args.dataset_mixture)
     if args.head_init not in ("random", "label_words"):
         p.append(f"head_init: '{args.head_init}' is not one of random, label_words")
     elif args.head_init == "label_words" and args.task != "sequence-classification":

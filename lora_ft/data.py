@@ -83,6 +83,63 @@ def load_splits(dataset_name: str, train_split: str, eval_split: Optional[str], 
     return _load_hub(dataset_name, dataset_config, train_split, eval_split)
 
 
+MIXTURE_KEYS = {"dataset_name", "split", "samples", "fraction", "column_map", "dataset_config"}
+
+
+def mixture_problems(mix) -> list[str]:
+    """Recipe-time checks of dataset_mixture entries (before any data loads)."""
+    if not isinstance(mix, list) or not mix:
+        return ["dataset_mixture: a list of sources, e.g. [{dataset_name: a.csv, samples: 500}, {dataset_name: b/, fraction: 0.5}]"]
+    out = []
+    for i, src in enumerate(mix):
+        where = f"dataset_mixture[{i}]"
+        if not isinstance(src, dict) or not src.get("dataset_name"):
+            out.append(f"{where}: needs dataset_name")
+            continue
+        unknown = set(src) - MIXTURE_KEYS
+        if unknown:
+            out.append(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; use {', '.join(sorted(MIXTURE_KEYS))}")
+        if "samples" in src and "fraction" in src:
+            out.append(f"{where}: give samples or fraction, not both")
+        if "samples" in src and not (isinstance(src["samples"], int) and src["samples"] > 0):
+            out.append(f"{where}: samples must be a positive integer")
+        if "fraction" in src and not (isinstance(src["fraction"], (int, float)) and 0 < src["fraction"] <= 1):
+            out.append(f"{where}: fraction must be in (0, 1]")
+        if not isinstance(src.get("column_map", {}), dict):
+            out.append(f"{where}: column_map must be a mapping")
+    return out
+
+
+def load_task_splits(a, seed: int):
+    """(train, eval_or_None, note) for a recipe: its dataset_name, or a seeded mixture of several sources whose
+    eval split (if any) comes from dataset_name."""
+    if not a.dataset_mixture:
+        return load_splits(a.dataset_name, a.train_split, a.eval_split, a.dataset_config)
+    import datasets
+
+    parts, notes = [], []
+    for i, src in enumerate(a.dataset_mixture):
+        ds = load_splits(src["dataset_name"], src.get("split", "train"), None, src.get("dataset_config"))[0]
+        ds = apply_column_map(ds, src.get("column_map") or {}, f"dataset_mixture[{i}]")
+        n = src.get("samples") or (max(1, round(src["fraction"] * len(ds))) if "fraction" in src else len(ds))
+        if n > len(ds):
+            notes.append(f"dataset_mixture[{i}]: asked for {n} rows, {src['dataset_name']} has {len(ds)}; took all")
+        ds = take(ds, n, seed + i)
+        parts.append(ds)
+        notes.append(f"{src['dataset_name']}: {len(ds)} rows")
+    common = [c for c in parts[0].column_names if all(c in p.column_names for p in parts)]
+    parts = [p.select_columns(common) for p in parts]
+    try:
+        parts = [p if p.features == parts[0].features else p.cast(parts[0].features) for p in parts]
+        train = datasets.concatenate_datasets(parts).shuffle(seed=seed)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"dataset_mixture: sources do not share column types ({str(e).splitlines()[0][:120]}); map them with column_map") from None
+    eval_ds = None
+    if a.dataset_name and a.eval_split:
+        eval_ds = load_splits(a.dataset_name, a.train_split, a.eval_split, a.dataset_config)[1]
+    return train, eval_ds, "mixture: " + "; ".join(notes) + f" (columns kept: {', '.join(common)})"
+
+
 def load_eval_split(dataset_name: str, split: str, dataset_config: Optional[str] = None):
     """The rows `lora-ft eval` scores. A file is scored whole; a folder or Hub dataset must have `split`
     (never silently fall back to the training file)."""

@@ -225,7 +225,6 @@ def merge_many(run_dirs: list[str], output: str, combination: str = "linear", we
 
     Only generating tasks: classification runs each carry their own trained head, which no weighting can combine.
     """
-    from peft import PeftModel
 
     if combination not in COMBINATIONS:
         raise LoraFtError(f"merge: --combination {combination} is not one of {', '.join(COMBINATIONS)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from conftest import cls_recipe, read_rows, write_csv, write_recipe
 from fixtures_gen import llama_models  # noqa: F401  (fixture used by name)

@@ -176,7 +176,7 @@ def build_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSet
 
     @app.post("/v1/classify", dependencies=[Depends(check_key)])
     async def classify_endpoint(body: ClassifyRequest, request: Request):
-        sm = lookup(request, body.model, ("sequence-classification",), "/v1/classify")
+        lookup(request, body.model, ("sequence-classification",), "/v1/classify")
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         check_texts(texts, "inputs")
         results = await with_timeout(batchers[body.model].submit(texts))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..data import apply_column_map, load_eval_split, load_splits, split_off_eval, take
+from ..data import apply_column_map, load_eval_split, load_task_splits, split_off_eval, take
 from ..errors import DataError
 from ..trainers import lora_ft_trainer
 
@@ -174,7 +174,7 @@ def _check_chat(fmt: str, chat: bool, tok) -> None:
 def prepare_data(recipe, tok) -> PreparedData:
     a = recipe.args
     seed = recipe.trainer.get("seed", 42)
-    train, eval_ds, note = load_splits(a.dataset_name, a.train_split, a.eval_split, a.dataset_config)
+    train, eval_ds, note = load_task_splits(a, seed)
     notes = [note] if note else []
     train = apply_column_map(train, a.column_map, "train")
     fmt = detect_format(train.column_names, a.dataset_format)

@@ -13,11 +13,12 @@ from ..data import (
     apply_column_map,
     check_columns,
     load_eval_split,
-    load_splits,
+    load_task_splits,
     split_off_eval,
     take,
 )
 from ..errors import DataError
+from ..textprep import clean_text
 from ..metrics import classification_report, softmax
 from ..trainers import lora_ft_trainer, mean_loss
 
@@ -82,7 +83,7 @@ def encode_labels(ds, label_column: str, names: list[str], where: str):
 def prepare_data(recipe, tokenizer) -> PreparedData:
     a = recipe.args
     seed = recipe.trainer.get("seed", 42)
-    train, eval_ds, note = load_splits(a.dataset_name, a.train_split, a.eval_split, a.dataset_config)
+    train, eval_ds, note = load_task_splits(a, seed)
     notes = [note] if note else []
     train = apply_column_map(train, a.column_map, f"{a.dataset_name} [{a.train_split}]")
     cols = {"text_column": a.text_column, "text_pair_column": a.text_pair_column, "label_column": a.label_column}
@@ -99,9 +100,12 @@ def prepare_data(recipe, tokenizer) -> PreparedData:
         check_columns(eval_ds, cols, f"{a.dataset_name} [{a.eval_split}]")
         eval_ds = _drop_empty(eval_ds, used, "eval", notes)
         eval_ds = encode_labels(eval_ds, a.label_column, names, f"{a.dataset_name} [{a.eval_split}]")
+    train = _row_filters(train, eval_ds, a, notes)
     train = take(train, a.max_train_samples, seed)
     if eval_ds is not None:
         eval_ds = take(eval_ds, a.max_eval_samples, seed)
+    if a.augment:
+        train = _augment(train, a, tokenizer, seed, notes)
     eval_texts = list(eval_ds[a.text_column]) if eval_ds is not None else []
     train_tok = tokenize(train, tokenizer, a)
     eval_tok = tokenize(eval_ds, tokenizer, a) if eval_ds is not None else None
@@ -110,10 +114,56 @@ def prepare_data(recipe, tokenizer) -> PreparedData:
 
 
 def render_texts(texts: list, a) -> list[str]:
-    """The model's input: each text through `source_template` when the recipe has one (training, eval and serving alike)."""
+    """The model's input: each text cleaned as the recipe says, then through `source_template` if it has one
+    (training, eval and serving alike: the saved recipe carries both)."""
+    texts = [clean_text(str(t), a) for t in texts]
     if not a.source_template:
-        return [str(t) for t in texts]
-    return [a.source_template.format(**{a.text_column: str(t)}) for t in texts]
+        return texts
+    return [a.source_template.format(**{a.text_column: t}) for t in texts]
+
+
+def _row_filters(train, eval_ds, a, notes: list[str]):
+    """drop_duplicates and drop_eval_leaks, comparing texts as the model will see them (after cleaning)."""
+    key = lambda row: (clean_text(str(row[a.text_column]), a).strip(), str(row.get(a.text_pair_column) or ""))  # noqa: E731
+    if a.drop_duplicates:
+        seen: set = set()
+        keep = []
+        for i, row in enumerate(train):
+            k = (key(row), row["labels"])
+            if k not in seen:
+                seen.add(k)
+                keep.append(i)
+        if len(keep) < len(train):
+            notes.append(f"drop_duplicates: dropped {len(train) - len(keep)} repeated train row(s)")
+            train = train.select(keep)
+    if a.drop_eval_leaks and eval_ds is not None:
+        held = {key(row) for row in eval_ds}
+        keep = [i for i, row in enumerate(train) if key(row) not in held]
+        if len(keep) < len(train):
+            notes.append(f"drop_eval_leaks: dropped {len(train) - len(keep)} train row(s) whose text is in the eval split")
+            train = train.select(keep)
+    if len(train) == 0:
+        raise DataError("train: no rows left after drop_duplicates / drop_eval_leaks")
+    return train
+
+
+def _augment(train, a, tokenizer, seed: int, notes: list[str]):
+    import datasets
+
+    from ..modeling import resolve_model_path
+    from ..textprep import EmbeddingSynonyms, augment_rows, load_input_embeddings, parse_augment
+
+    ops = parse_augment(a.augment)
+    synonyms = None
+    if {"synonym", "insert"} & set(ops):
+        synonyms = EmbeddingSynonyms(tokenizer, load_input_embeddings(resolve_model_path(a.model_name_or_path)))
+    rows = augment_rows([str(t) for t in train[a.text_column]], ops, a.augment_copies, seed, synonyms)
+    if not rows:
+        return train
+    extra = train.select([i for i, _ in rows]).remove_columns([a.text_column])
+    extra = extra.add_column(a.text_column, [t for _, t in rows]).cast(train.features)
+    notes.append(f"augment {a.augment} x{a.augment_copies}: +{len(rows)} train rows (from {len(train)})")
+    return datasets.concatenate_datasets([train, extra]).shuffle(seed=seed)
 
 
 def tokenize(ds, tokenizer, a):

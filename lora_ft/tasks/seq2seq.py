@@ -16,7 +16,7 @@ from ..data import (
     apply_column_map,
     check_columns,
     load_eval_split,
-    load_splits,
+    load_task_splits,
     split_off_eval,
     take,
 )
@@ -88,7 +88,7 @@ def prepare_data(recipe, tok) -> PreparedData:
     if not a.target_column:
         raise DataError("target_column: required for task seq2seq (e.g. answers for SQuAD)")
     seed = recipe.trainer.get("seed", 42)
-    train, eval_ds, note = load_splits(a.dataset_name, a.train_split, a.eval_split, a.dataset_config)
+    train, eval_ds, note = load_task_splits(a, seed)
     notes = [note] if note else []
     train = apply_column_map(train, a.column_map, "train")
     _check(train, a, f"{a.dataset_name} [{a.train_split}]")
