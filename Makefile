@@ -31,6 +31,8 @@ bench: setup
 	$(BIN)/python benchmarks/sft_smollm2.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/merge_compress.py
+	$(BIN)/python benchmarks/memory_plan.py
+	$(BIN)/python benchmarks/augment_tweets.py
 
 clean:
 	rm -rf $(VENV) runs
