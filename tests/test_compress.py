@@ -156,3 +156,20 @@ def test_int8_dynamic_quantizes_the_projections_only(merged):
     assert type(layer.mlp.up_proj).__module__.startswith("torch.ao.nn.quantized.dynamic")
     assert type(layer.self_attn.q_proj).__module__.startswith("torch.ao.nn.quantized.dynamic")
     assert type(q.score) is torch.nn.Linear  # the head stays float
+
+
+def test_export_bnb4_folder_reloads_with_its_head(merged, tmp_path, capsys):
+    """`lora-ft export --format bnb4`: a serialized 4-bit folder that reloads with plain from_pretrained, head intact."""
+    out = tmp_path / "bnb4"
+    rc, stdout, err = cli(capsys, "export", merged, "--format", "bnb4", "--output", out)
+    assert rc == 0, err
+    report = json.loads(stdout)
+    assert report["verified"] and report["linear4bit_layers"] > 0 and report["label_agreement"] >= 0.5
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert (out / "lora_ft_recipe.yaml").is_file() and (out / "export_report.json").is_file()
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(m.score).__name__ == "Linear" and m.config.id2label[0] == LABELS[0]  # the head stays full precision
+    rc, stdout, _ = cli(capsys, "predict", out, "--text", "what a lovely day")
+    assert rc == 0 and json.loads(stdout)["label"] in LABELS

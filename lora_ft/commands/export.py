@@ -1,20 +1,20 @@
-"""`lora-ft export MODEL_DIR --format gguf|onnx --output PATH [--quant f16|q8_0]`: each export is loaded back and checked."""
+"""`lora-ft export MODEL_DIR --format gguf|onnx|bnb4 --output PATH [--quant f16|q8_0]`: each export is loaded back and checked."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-HELP = "export a merged model to GGUF (Llama-family causal LMs) or ONNX (classification, seq2seq), verified"
+HELP = "export a merged model to GGUF (Llama-family causal LMs), ONNX (classification, seq2seq) or a bitsandbytes 4-bit folder, verified"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help=HELP, description=HELP)
     p.add_argument("model_dir", help="a folder written by `lora-ft merge`")
-    p.add_argument("--format", required=True, choices=["gguf", "onnx"])
+    p.add_argument("--format", required=True, choices=["gguf", "onnx", "bnb4"])
     p.add_argument("--output", required=True, help="a .gguf file, or a folder for onnx")
     p.add_argument("--quant", default="f16", help="gguf only: f16 (default) or q8_0")
-    p.add_argument("--inputs", help="onnx: texts to verify on (.txt one per line); default: built-in samples")
+    p.add_argument("--inputs", help="onnx, bnb4: texts to verify on (.txt one per line); default: built-in samples")
     return p
 
 
@@ -27,6 +27,11 @@ def run(args, overrides: list[str]) -> int:
         from ..export_gguf import export_gguf
 
         report = export_gguf(args.model_dir, args.output, quant=args.quant)
+    elif args.format == "bnb4":
+        from ..export_bnb import export_bnb4
+        from ..inference import read_texts
+
+        report = export_bnb4(args.model_dir, args.output, read_texts(args.inputs) if args.inputs else None)
     else:
         from ..export_onnx import export_onnx
         from ..inference import read_texts
