@@ -20,7 +20,7 @@ def two_runs(tmp_path_factory, llama_models):
     for seed in (1, 2):
         run = root / f"r{seed}"
         argv = ["train", "--model_name_or_path", llama_models[1], "--task", "causal-lm", "--dataset_name", data, "--seed", seed,
-                "--max_steps", 3, "--learning_rate", "1e-2", "--report_to", "none", "--save_strategy", "no", "--output_dir", run]
+                "--max_steps", 3, "--max_length", 64, "--learning_rate", "1e-2", "--report_to", "none", "--save_strategy", "no", "--output_dir", run]
         assert main([str(x) for x in argv]) == 0
         runs.append(run)
     return root, runs

@@ -1,0 +1,242 @@
+"""Side-by-side training throughput: lora_ft against the seeds' naive recipe and trl's SFTTrainer defaults, same model,
+data, batch and machine, in one run (absolute times on shared machines drift; ratios are the result).
+
+    python benchmarks/throughput.py                 # ~10 min on 2 CPU cores; writes benchmarks/results/throughput.{json,md}
+    python benchmarks/throughput.py --steps 6       # shorter
+
+Workloads: (a) tweet classification, builtin SmolLM2-135M, batch 16 (examples drawn from 512 training tweets);
+(b) causal SFT on ../shared/data/instructions, SmolLM2-135M, sequence length 512, batch 8. Each row trains
+`--steps` optimizer steps; the first `--warmup` are not timed (allocator and autocast caches warm up); model loading
+is never timed. tokens/s counts non-pad tokens: examples/s x the workload's mean non-pad tokens per example (all rows
+see the same examples). MFU = 6 x parameters x tokens/s / the bf16 matmul peak measured here in the same run.
+peak MB: max RSS growth of the row's own process (each row runs in a fresh subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TWEETS = ROOT / "../shared/data/tweet_sentiment"
+INSTR = ROOT / "../shared/data/instructions"
+ROWS = {
+    "cls/naive": "naive recipe: HF Trainer, padding=max_length 128, fp32, peft LoRA defaults (q,v)",
+    "cls/lora_ft": "lora_ft: recipes/gpt2_sentiment.yaml (bf16 autocast, dynamic padding, length-grouped, all-linear LoRA)",
+    "cls/lora_ft-qlora": "lora_ft, 4-bit QLoRA (nf4)",
+    "sft/trl-defaults": "trl SFTTrainer defaults (SFTConfig: bf16, gradient checkpointing, no packing) + peft LoRA defaults",
+    "sft/lora_ft": "lora_ft: recipes/smollm2_sft.yaml (bf16 autocast, no checkpointing, assistant-only labels)",
+    "sft/lora_ft-qlora": "lora_ft, 4-bit QLoRA (nf4)",
+}
+
+
+def bf16_peak_tflops() -> dict:
+    import torch
+
+    out = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+        for _ in range(3):
+            a @ b
+        n, t0 = 20, time.perf_counter()
+        for _ in range(n):
+            a @ b
+        out[name] = round(2 * 2048**3 * n / (time.perf_counter() - t0) / 1e12, 3)
+    return out
+
+
+class Timer:
+    """A TrainerCallback timing optimizer steps after the warmup."""
+
+    def __new__(cls, warmup: int):
+        from transformers import TrainerCallback
+
+        class _T(TrainerCallback):
+            def __init__(self):
+                self.marks = []
+
+            def on_step_end(self, args, state, control, **kw):
+                self.marks.append(time.perf_counter())
+
+            def result(self, batch):
+                timed = self.marks[warmup:]
+                span = timed[-1] - self.marks[warmup - 1] if warmup else timed[-1] - timed[0]
+                steps = len(timed) if warmup else len(timed) - 1
+                return {"timed_steps": steps, "seconds": round(span, 2), "examples_per_s": round(steps * batch / span, 3)}
+
+        return _T()
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_row(name: str, steps: int, warmup: int) -> dict:
+    """One row, in this (fresh) process."""
+    import torch
+
+    torch.manual_seed(0)
+    rss0 = _rss_mb()
+    timer = Timer(warmup)
+    common = ["--max_steps", str(steps), "--eval_split", "none", "--save_strategy", "no", "--report_to", "none",
+              "--disable_tqdm", "true", "--logging_steps", "1000", "--output_dir", f"/tmp/lora_ft_throughput/{name.replace('/', '_')}"]
+    if name.startswith("cls/lora_ft"):
+        from lora_ft.config import load_recipe
+        from lora_ft.train import train
+
+        extra = ["--load_in_4bit", "true"] if name.endswith("qlora") else []
+        r = load_recipe("recipes/gpt2_sentiment.yaml", ["--model_name_or_path", "builtin:smollm2-135m-instruct", "--dataset_name", str(TWEETS),
+                                                        "--max_train_samples", "512", "--per_device_train_batch_size", "16", *common, *extra])
+        import shutil
+
+        shutil.rmtree(r.trainer["output_dir"], ignore_errors=True)
+        train(r, callbacks=[timer])
+        batch = 16
+    elif name.startswith("sft/lora_ft"):
+        from lora_ft.config import load_recipe
+        from lora_ft.train import train
+
+        extra = ["--load_in_4bit", "true"] if name.endswith("qlora") else []
+        r = load_recipe("recipes/smollm2_sft.yaml", ["--dataset_name", str(INSTR), "--max_train_samples", "256", *common, *extra])
+        import shutil
+
+        shutil.rmtree(r.trainer["output_dir"], ignore_errors=True)
+        train(r, callbacks=[timer])
+        batch = 8
+    elif name == "cls/naive":
+        batch = 16
+        _naive_cls(timer, steps)
+    else:
+        batch = 8
+        _trl_sft(timer, steps)
+    return {"row": name, "what": ROWS[name], "batch": batch, **timer.result(batch), "peak_rss_growth_mb": round(_rss_mb() - rss0, 1),
+            "peak_rss_mb": round(_rss_mb(), 1)}
+
+
+def _naive_cls(timer, steps: int) -> None:
+    """The seeds' recipe: tokenizer(padding="max_length"), fp32, plain peft LoRA, HF Trainer."""
+    import datasets
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    from lora_ft.modeling import resolve_model_path
+
+    path = resolve_model_path("builtin:smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+    ds = datasets.load_dataset("csv", data_files=str(TWEETS / "train.csv"), split="train", keep_default_na=False)
+    ds = ds.filter(lambda r: bool(r["text"].strip())).shuffle(seed=42).select(range(512))
+    names = ["negative", "neutral", "positive"]
+    ds = ds.map(lambda r: {**tok(r["text"], padding="max_length", truncation=True, max_length=128), "labels": names.index(r["sentiment"])},
+                remove_columns=ds.column_names)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, pad_token_id=tok.pad_token_id)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32))
+    args = TrainingArguments(output_dir="/tmp/lora_ft_throughput/naive", per_device_train_batch_size=16, max_steps=steps, use_cpu=True,
+                             report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000)
+    Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
+
+
+def _trl_sft(timer, steps: int) -> None:
+    """trl's SFTTrainer with its SFTConfig defaults (what `trl sft` would do), LoRA through peft_config."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from lora_ft.modeling import resolve_model_path
+
+    path = resolve_model_path("builtin:smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(path)
+    ds = datasets.load_dataset("json", data_files=str(INSTR / "gpteacher_sft.jsonl"), split="train").shuffle(seed=42).select(range(256))
+    ds = ds.map(lambda r: {"messages": [{"role": "user", "content": (r["instruction"] + "\n\n" + r["context"]).strip()},
+                                        {"role": "assistant", "content": r["response"]}]}, remove_columns=ds.column_names)
+    cfg = SFTConfig(output_dir="/tmp/lora_ft_throughput/trl", per_device_train_batch_size=8, max_length=512, max_steps=steps,
+                    use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM"),
+               callbacks=[timer]).train()
+
+
+def mean_tokens() -> dict:
+    """Mean non-pad tokens per example of each workload, as lora_ft tokenizes it (the same examples every row sees)."""
+    from lora_ft.config import load_recipe
+    from lora_ft.modeling import load_tokenizer
+    from lora_ft.tasks import get_task
+
+    out = {}
+    for key, path, args in (("cls", "recipes/gpt2_sentiment.yaml", ["--model_name_or_path", "builtin:smollm2-135m-instruct", "--dataset_name",
+                                                                    str(TWEETS), "--max_train_samples", "512", "--eval_split", "none"]),
+                            ("sft", "recipes/smollm2_sft.yaml", ["--dataset_name", str(INSTR), "--max_train_samples", "256", "--eval_split", "none"])):
+        r = load_recipe(path, args)
+        data = get_task(r.args.task).prepare_data(r, load_tokenizer(r.args))
+        out[key] = round(data.train_tokens / len(data.train), 2)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    args = p.parse_args()
+    os.chdir(ROOT)
+    if args.row:
+        print("ROW " + json.dumps(run_row(args.row, args.steps, args.warmup)), flush=True)
+        return 0
+    peak = bf16_peak_tflops()
+    tokens = mean_tokens()
+    import torch
+    from transformers import AutoConfig
+
+    from lora_ft.memory import count_params
+    from lora_ft.modeling import resolve_model_path
+
+    n_params = count_params(AutoConfig.from_pretrained(resolve_model_path("builtin:smollm2-135m-instruct")))
+    rows = []
+    for name in ROWS:
+        proc = subprocess.run([sys.executable, __file__, "--row", name, "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
+        if line is None:
+            rows.append({"row": name, "what": ROWS[name], "error": proc.stderr[-800:]})
+            print(f"{name}: FAILED\n{proc.stderr[-800:]}", flush=True)
+            continue
+        row = json.loads(line[4:])
+        row["tokens_per_s"] = round(row["examples_per_s"] * tokens[name.split("/")[0]], 1)
+        row["mfu_pct_of_bf16_peak"] = round(100 * 6 * n_params * row["tokens_per_s"] / (peak["bf16"] * 1e12), 2)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    by = {r["row"]: r for r in rows if "error" not in r}
+    ratios = {}
+    for a, b in (("cls/lora_ft", "cls/naive"), ("cls/lora_ft-qlora", "cls/naive"), ("sft/lora_ft", "sft/trl-defaults"), ("sft/lora_ft-qlora", "sft/trl-defaults")):
+        if a in by and b in by:
+            ratios[f"{a} / {b} examples/s"] = round(by[a]["examples_per_s"] / by[b]["examples_per_s"], 2)
+    for a, b in (("cls/lora_ft-qlora", "cls/lora_ft"), ("sft/lora_ft-qlora", "sft/lora_ft")):
+        if a in by and b in by:
+            ratios[f"{a} / {b} peak RSS"] = round(by[a]["peak_rss_mb"] / by[b]["peak_rss_mb"], 2)
+    out = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+           "nproc": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "matmul_peak_tflops": peak, "params": n_params,
+           "mean_tokens_per_example": tokens, "steps": args.steps, "warmup": args.warmup, "rows": rows, "ratios": ratios}
+    res = ROOT / "benchmarks/results"
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "throughput.json").write_text(json.dumps(out, indent=2) + "\n")
+    md = [f"# Training throughput, side by side ({out['device']}, {out['nproc']} cores, {out['date']})", "",
+          f"bf16 matmul peak measured in this run: {peak['bf16']} TFLOP/s (fp32 {peak['fp32']}). {args.steps} steps per row, first {args.warmup} untimed.", "",
+          "| row | examples/s | tokens/s | MFU % | peak RSS MB |", "|---|---|---|---|---|"]
+    md += [f"| {r['row']} | {r.get('examples_per_s', '-')} | {r.get('tokens_per_s', '-')} | {r.get('mfu_pct_of_bf16_peak', '-')} | {r.get('peak_rss_mb', '-')} |" for r in rows]
+    md += ["", "Ratios: " + "; ".join(f"{k} = {v}" for k, v in ratios.items()), "", "Rows:"] + [f"- `{k}`: {v}" for k, v in ROWS.items()]
+    md += ["", "Command: `python benchmarks/throughput.py`"]
+    (res / "throughput.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
