@@ -27,7 +27,10 @@ CONFIGS = {
     "sft-lora-b8-512": SFT + ["--per_device_train_batch_size", "8", "--max_length", "512"],
     "sft-qlora4-b8-512": SFT + ["--per_device_train_batch_size", "8", "--max_length", "512", "--load_in_4bit", "true"],
     "sft-full-b4-256": SFT + ["--per_device_train_batch_size", "4", "--max_length", "256", "--use_peft", "false"],
-    "cls-lora-b16-128": CLS + ["--per_device_train_batch_size", "16"],
+    # The planner predicts for batches of max_length tokens; tweets are short, so cap max_length near the data's p99
+    # (48, from `lora-ft data inspect`) for batches that reach it, as the SFT rows' do.
+    # use_dora off: the planner models plain LoRA (DoRA's weight-norm temporaries are not modeled).
+    "cls-lora-b16-48": CLS + ["--per_device_train_batch_size", "16", "--max_length", "48", "--use_dora", "false"],
 }
 SHORT = ["--max_steps", "3", "--eval_split", "none", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
          "--max_train_samples", "64", "--logging_steps", "1"]

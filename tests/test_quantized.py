@@ -68,3 +68,29 @@ def test_predict_matches_train_time_eval(quantized_run, capsys):
         assert g["score"] == pytest.approx(r["score"], abs=tol)
         top2 = sorted(g["scores"].values())[-2:]
         assert g["label"] == r["pred"] or top2[1] - top2[0] < 2 * tol
+
+
+def test_dora_on_4bit_keeps_a_weight_layout_peft_can_read(tmp_path, tiny_llama, tiny_data):
+    """bitsandbytes repacks 4-bit weights for its CPU kernel at the first eval forward; peft's DoRA dequantizes them
+    with a function that ignores the packing, so a DoRA run must keep the standard layout (modeling.keep_standard_4bit_layout)."""
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
+
+    from lora_ft.inference import load_run
+
+    recipe = cls_recipe(tmp_path / "q.yaml", tiny_llama, tiny_data, max_steps=2, use_dora=True, **MODES["4bit"])
+    run_dir = train_in_process(recipe, tmp_path / "run")
+    model, tok, _ = load_run(run_dir)
+    enc = tok(["a short text", "another one"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        first = model(**enc).logits
+        second = model(**enc).logits  # after bitsandbytes had its chance to repack
+    assert torch.equal(first, second)
+    import bitsandbytes as bnb
+
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))  # the base layer, not peft's wrapper
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        ref = x @ dequantize_module_weight(layer).float().T
+        got = layer(x).float()
+    assert ((got - ref).norm() / ref.norm()) < 0.05

@@ -65,7 +65,7 @@ def parse_specs(specs: list[str]) -> list[tuple[str, Path]]:
 
 def _base_key(recipe) -> tuple:
     a = recipe.args
-    return (a.model_name_or_path, a.task, len(a.labels or []), a.load_in_4bit, a.load_in_8bit, a.dtype)
+    return (a.model_name_or_path, a.task, len(a.labels or []), a.load_in_4bit, a.load_in_8bit, a.dtype, a.load_in_4bit and a.use_dora)
 
 
 def load_models(specs: list[str]) -> dict[str, ServedModel]:
