@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/python benchmarks/merge_compress.py
 	$(BIN)/python benchmarks/memory_plan.py
 	$(BIN)/python benchmarks/augment_tweets.py
+	$(BIN)/python benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) runs
