@@ -8,10 +8,10 @@ A coarse, documented model (the doctor warns with it; `lora-ft plan` proposes se
 - activations: per layer about 34 x tokens x hidden bytes in 16-bit (Korthikanti et al. 2022, no recomputation),
   a sqrt(layers)-th of that with gradient checkpointing; plus fp32 logits and their gradient (tokens x vocab x 8) for
   LM heads.
-- runtime on CPU: a fixed 1.8 GiB. A process holds about 0.75 GiB after importing torch, transformers, peft and
-  datasets (measured by benchmarks/throughput.py), and loading leaves transient copies (checkpoint read in fp32,
-  cast, quantized) in the allocator. The constant was fit to the measured peaks of benchmarks/memory_plan.py on a
-  2-core x86-64 machine (2026-11-30); none is counted on CUDA, where the peak is allocated tensor memory.
+- runtime on CPU: a fixed 1.8 GiB, fit to the measured peaks of benchmarks/memory_plan.py on a 2-core x86-64
+  machine (2026-11-30). A process holds about 0.5-0.75 GiB after importing torch, transformers, peft and datasets;
+  the rest is allocator slack and step temporaries (bf16 casts, dequantization) that the activation term misses.
+  None is counted on CUDA, where the peak is allocated tensor memory.
 """
 
 from __future__ import annotations
