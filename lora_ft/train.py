@@ -105,7 +105,11 @@ def train(recipe: Recipe, callbacks: list | None = None) -> Path:
         f"{per_step} examples per step ({targs.per_device_train_batch_size} x {targs.gradient_accumulation_steps} accum x {world} proc); "
         f"~{steps} steps; bf16={targs.bf16} device={targs.device}")
 
-    trainer = task.build_trainer(model, tokenizer, targs, data, callbacks=list(callbacks or []))
+    try:
+        trainer = task.build_trainer(model, tokenizer, targs, data, callbacks=list(callbacks or []))
+    except ValueError as e:  # transformers / trl refuse a combination of recipe keys: say which, in one line
+        msg = " ".join(str(e).split())
+        raise LoraFtError(f"recipe: the trainer refused these settings: {msg}") from None
     reset_peak_memory()
     started = time.time()
     trainer.resume_info = resume_info(recipe, data)
