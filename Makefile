@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/python benchmarks/memory_plan.py
 	$(BIN)/python benchmarks/augment_tweets.py
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/qlora_memory.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -28,11 +28,11 @@ TWEETS = ROOT / "../shared/data/tweet_sentiment"
 INSTR = ROOT / "../shared/data/instructions"
 ROWS = {
     "cls/naive": "naive recipe: HF Trainer, padding=max_length 128, fp32, peft LoRA defaults (q,v)",
-    "cls/lora_ft": "lora_ft: recipes/gpt2_sentiment.yaml (bf16 autocast, dynamic padding, length-grouped, all-linear DoRA)",
+    "cls/lora_ft": "lora_ft: recipes/gpt2_sentiment.yaml (bf16 autocast, dynamic padding, length-grouped, all-linear DoRA, no dropout)",
     "cls/lora_ft-lora": "lora_ft, the same recipe with --use_dora false (plain LoRA: the recipe trades this speed for accuracy)",
     "cls/lora_ft-qlora": "lora_ft, 4-bit QLoRA (nf4), DoRA as the recipe",
     "sft/trl-defaults": "trl SFTTrainer defaults (SFTConfig: bf16, gradient checkpointing, no packing) + peft LoRA defaults",
-    "sft/lora_ft": "lora_ft: recipes/smollm2_sft.yaml (bf16 autocast, no checkpointing, assistant-only labels)",
+    "sft/lora_ft": "lora_ft: recipes/smollm2_sft.yaml (bf16 autocast, no checkpointing, assistant-only labels, CPU LM head: labelled tokens only, bf16)",
     "sft/lora_ft-qlora": "lora_ft, 4-bit QLoRA (nf4)",
 }
 
@@ -75,9 +75,9 @@ class Timer:
 
 
 def _rss_mb() -> float:
-    import resource
+    from lora_ft.hardware import process_peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return process_peak_rss_mb()
 
 
 def run_row(name: str, steps: int, warmup: int) -> dict:

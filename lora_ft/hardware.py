@@ -45,5 +45,16 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+    return process_peak_rss_mb()
+
+
+def process_peak_rss_mb() -> float:
+    """This process's own peak resident set size. On Linux from VmHWM: ru_maxrss carries the parent's peak over
+    fork + exec, so a small run started from a big process (a notebook, a benchmark that built a model) reports the
+    parent's."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            return next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration, ValueError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1024 if sys.platform != "darwin" else rss / 2**20

@@ -4,13 +4,17 @@ A coarse, documented model (the doctor warns with it; `lora-ft plan` proposes se
 - weights: parameters x bytes per parameter (4-bit 0.5 + quantization constants, 8-bit 1, bf16 2, fp32 4);
   embeddings and heads stay 16-bit under bitsandbytes.
 - trainable state: LoRA parameters (all-linear, rank r) or all parameters for full fine-tuning: fp32 gradient and two
-  Adam moments (12 bytes), plus an fp32 master copy (4 more) when the weights themselves are stored in 16 bits.
+  Adam moments (12 bytes), plus an fp32 master copy (4 more) when the weights themselves are stored in 16 bits. The
+  gradients fill memory the activations free during backward, so they count only beyond the activations.
 - activations: per layer about 34 x tokens x hidden bytes in 16-bit (Korthikanti et al. 2022, no recomputation),
-  a sqrt(layers)-th of that with gradient checkpointing; plus fp32 logits and their gradient (tokens x vocab x 8) for
-  LM heads.
-- runtime on CPU: a fixed 1.8 GiB, fit to the measured peaks of benchmarks/memory_plan.py on a 2-core x86-64
-  machine (2026-11-30). A process holds about 0.5-0.75 GiB after importing torch, transformers, peft and datasets;
-  the rest is allocator slack and step temporaries (bf16 casts, dequantization) that the activation term misses.
+  a sqrt(layers)-th of that with gradient checkpointing; plus the LM head's logits: seq2seq materializes them all
+  in fp32 with their gradient (tokens x vocab x 8); causal-LM training (trl's chunked head on GPUs, lora_ft's CPU
+  head) holds one tile at a time (CPU: 1,024 tokens x vocab in fp32 and its exp; CUDA: 4,096 x 32,768 in bf16,
+  two buffers).
+- runtime on CPU: a fixed 1.3 GiB, fit to the measured peaks of benchmarks/memory_plan.py on a 2-core x86-64
+  machine (refit 2026-12-01 after the CPU LM head and no-dropout default lowered the peaks; 1.8 GiB before).
+  A process holds about 0.4-0.5 GiB after importing torch, transformers, peft and datasets; the rest is allocator
+  slack and step temporaries (bf16 casts, dequantization) that the activation term misses.
   None is counted on CUDA, where the peak is allocated tensor memory.
 """
 
@@ -19,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-CPU_RUNTIME_GB = 1.8  # see the module docstring: fit to benchmarks/memory_plan.py
+CPU_RUNTIME_GB = 1.3  # see the module docstring: fit to benchmarks/memory_plan.py
 
 
 @dataclass
@@ -56,10 +60,24 @@ def count_params(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def head_kind(task: str) -> str:
+    """How a task's training computes logits: none (a classifier head), chunked (causal LM) or full (seq2seq)."""
+    return {"sequence-classification": "none", "causal-lm": "chunked"}.get(task, "full")
+
+
+def _logit_bytes(kind: str, tokens: int, vocab: int, cuda: bool) -> float:
+    if kind == "none":
+        return 0
+    if kind == "full":
+        return tokens * vocab * 8
+    return min(tokens, 4096) * min(vocab, 32768) * 4 if cuda else min(tokens, 1024) * vocab * 8
+
+
 def estimate(config, *, batch_size: int, seq_len: int, mode: str = "lora", lora_r: int = 16, dtype_bytes: int = 2,
-             gradient_checkpointing: bool = False, lm_head: bool = True, act_bytes: int = 2, cuda: bool = False,
+             gradient_checkpointing: bool = False, lm_head: str = "full", act_bytes: int = 2, cuda: bool = False,
              total_params: int | None = None) -> Estimate:
-    """mode: full, lora, qlora8 or qlora4. dtype_bytes: stored weights; act_bytes: activations (2 under bf16 autocast)."""
+    """mode: full, lora, qlora8 or qlora4. dtype_bytes: stored weights; act_bytes: activations (2 under bf16 autocast);
+    lm_head: see head_kind."""
     hidden, layers, vocab, inter = _dims(config)
     total = total_params if total_params is not None else count_params(config)
     embed = vocab * hidden
@@ -73,10 +91,14 @@ def estimate(config, *, batch_size: int, seq_len: int, mode: str = "lora", lora_
     acts = 34 * tokens * hidden * layers * act_bytes / 2
     if gradient_checkpointing:
         acts /= max(layers**0.5, 1)
-    logits = tokens * vocab * 8 if lm_head else 0
+    logits = _logit_bytes(lm_head, tokens, vocab, cuda)
     gb = 2**30
     state_bytes = 12 if (mode != "full" or dtype_bytes == 4) else 16  # LoRA params are fp32; full FT in 16-bit keeps a master copy
-    return Estimate(weights / gb, trainable * state_bytes / gb, (acts + logits) / gb, 0.0 if cuda else CPU_RUNTIME_GB, trainable, total)
+    runtime = 0.0 if cuda else CPU_RUNTIME_GB
+    # Gradients are allocated during backward as activations are freed (set_to_none between steps): they add to the
+    # peak only beyond the activations. The moments (and master copy) persist across steps.
+    state = trainable * (state_bytes - 4) + max(0.0, trainable * 4 - (acts + logits))
+    return Estimate(weights / gb, state / gb, (acts + logits) / gb, runtime, trainable, total)
 
 
 def device_memory_gb() -> tuple[str, float]:

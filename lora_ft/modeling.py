@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from . import cpu_memory
 from .builtin_models import resolve_model_path
 from .errors import LoraFtError
 
@@ -108,10 +109,14 @@ def load_model(args, auto_class, training: bool = True, **model_kwargs):
         kw["quantization_config"] = qc
         if torch.cuda.is_available():
             kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    cpu_quantized = qc is not None and not torch.cuda.is_available()
     try:
-        model, info = auto_class.from_pretrained(path, output_loading_info=True, **kw)
+        with cpu_memory.lean_quantized_load(cpu_quantized):
+            model, info = auto_class.from_pretrained(path, output_loading_info=True, **kw)
     except (OSError, ValueError) as e:
         raise LoraFtError(f"model_name_or_path: cannot load '{args.model_name_or_path}' ({_first_line(e)})") from None
+    if cpu_quantized:
+        cpu_memory.release_checkpoint_mapping(model)
     if args.load_in_4bit and args.use_dora:
         keep_standard_4bit_layout(model)
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})

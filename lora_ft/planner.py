@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import LoraFtError
-from .memory import Estimate, estimate
+from .memory import Estimate, estimate, head_kind
 
 MODES = ("lora", "qlora8", "qlora4", "full")
 OVERRIDES = {"lora": [], "qlora8": ["--load_in_8bit", "true"], "qlora4": ["--load_in_4bit", "true"], "full": ["--use_peft", "false"]}
@@ -39,7 +39,7 @@ def settings_for(recipe, config, cuda: bool) -> list[Setting]:
     batch = int(t.get("per_device_train_batch_size", 8))
     accum = int(t.get("gradient_accumulation_steps", 1))
     dtype_bytes = 4 if a.dtype in ("float32", "auto") else 2
-    lm_head = a.task != "sequence-classification"
+    lm_head = head_kind(a.task)
     out = []
     from .memory import count_params
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 
 from conftest import cls_recipe, read_rows, write_csv, write_recipe
 from fixtures_gen import llama_models  # noqa: F401  (fixture used by name)
@@ -145,3 +146,20 @@ def test_plan_proposes_a_setting_that_fits(tmp_path, tiny_llama, tiny_data, caps
     assert b < 16 and b * k == 16
     assert main(["plan", "--gpu-memory", "1KiB", str(recipe)]) == 1
     assert "nothing fits" in capsys.readouterr().out
+
+
+def test_memory_model_logits_terms():
+    """Causal-LM heads run in token tiles (bounded logits), seq2seq materializes them, classifiers have none;
+    full fine-tuning's gradients reuse activation memory, its Adam moments do not."""
+    from transformers import LlamaConfig
+
+    from lora_ft.memory import estimate, head_kind
+
+    cfg = LlamaConfig(vocab_size=50000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
+    act = {k: [estimate(cfg, batch_size=8, seq_len=n, lm_head=head_kind(k), total_params=10**7).activations_gb for n in (256, 1024)]
+           for k in ("causal-lm", "seq2seq", "sequence-classification")}
+    growth = {k: v[1] - v[0] for k, v in act.items()}
+    assert growth["seq2seq"] > 5 * growth["causal-lm"] > 0  # past one tile only the layers' activations grow
+    assert growth["causal-lm"] == pytest.approx(growth["sequence-classification"])
+    full = estimate(cfg, batch_size=1, seq_len=8, mode="full", dtype_bytes=4, lm_head="none", total_params=10**7)
+    assert full.trainable_gb * 2**30 == pytest.approx(10**7 * 12, rel=0.01)  # tiny activations: gradients count whole

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .. import cpu_lm_head
 from ..data import apply_column_map, load_eval_split, load_task_splits, split_off_eval, take
 from ..errors import DataError
 from ..trainers import lora_ft_trainer
@@ -226,8 +227,10 @@ def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
     model.config.use_cache = False
     if data.eval_prompts:
         callbacks = list(callbacks) + [_generation_logger(tok, data.eval_prompts, data.max_new_tokens)]
-    return lora_ft_trainer(SFTTrainer)(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
-                      processing_class=tok, callbacks=callbacks)
+    trainer = lora_ft_trainer(SFTTrainer)(model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
+                                          processing_class=tok, callbacks=callbacks)
+    cpu_lm_head.install(trainer.model)  # trl's CPU fallback scores every position in fp32: half of each step
+    return trainer
 
 
 def _generation_logger(tok, prompts, max_new_tokens: int):
