@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import os
 import sys
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -38,7 +39,8 @@ def _glibc():
 @contextlib.contextmanager
 def lean_quantized_load(active: bool):
     """Around a quantized CPU load: large temporaries are returned to the OS as they are freed."""
-    libc = _glibc() if active else None
+    # A user's own MALLOC_MMAP_THRESHOLD_ (see README "Performance") is left as they set it.
+    libc = _glibc() if active and "MALLOC_MMAP_THRESHOLD_" not in os.environ else None
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, _LOAD_THRESHOLD)
     try:
