@@ -31,6 +31,14 @@ SHORT = ["--max_steps", "3", "--eval_split", "none", "--save_strategy", "no", "-
          "--max_train_samples", "64", "--per_device_train_batch_size", "2", "--max_length", "256", "--logging_steps", "1"]
 
 
+def base_cmd(model: str) -> list[str]:
+    return [LORA_FT, "train", "recipes/smollm2_sft.yaml", "--dataset_name", DATA, "--model_name_or_path", model, *SHORT]
+
+
+def shown(cmd: list[str]) -> str:
+    return " ".join(["lora-ft", *cmd[1:]]).replace(str(ROOT) + "/", "")
+
+
 def random_big_model() -> Path:
     """A random-weight SmolLM2-1.7B-shaped model with the builtin's tokenizer, saved once in bf16."""
     import torch
@@ -61,12 +69,11 @@ def main() -> int:
         for mode, extra in MODES.items():
             run = OUT / f"{model_name}-{mode}"
             shutil.rmtree(run, ignore_errors=True)
-            cmd = [LORA_FT, "train", "recipes/smollm2_sft.yaml", "--dataset_name", DATA, "--model_name_or_path", model,
-                   *SHORT, *extra, "--output_dir", str(run)]
+            cmd = [*base_cmd(model), *extra, "--output_dir", str(run)]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
             m = json.loads((run / "metrics.json").read_text()) if proc.returncode == 0 else {}
             row = {"model": model_name, "mode": mode, "returncode": proc.returncode, "peak_memory_mb": m.get("peak_memory_mb"),
-                   "train_runtime_s": m.get("train_runtime"), "command": " ".join(["lora-ft", "train", *cmd[2:]]).replace(str(ROOT) + "/", ""),
+                   "train_runtime_s": m.get("train_runtime"), "command": shown(cmd),
                    **({"error": proc.stderr[-600:]} if proc.returncode else {})}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -81,7 +88,7 @@ def main() -> int:
           "| model | mode | peak RSS MB | train s (3 steps) |", "|---|---|---|---|"]
     md += [f"| {r['model']} | {r['mode']} | {r['peak_memory_mb']} | {r['train_runtime_s']} |" for r in rows]
     md += ["", "QLoRA / bf16 LoRA peak: " + "; ".join(f"{k} {v}" for k, v in ratios.items()), "",
-           "Command: `python benchmarks/qlora_memory.py` (each row: " + rows[0]["command"].split(" --output_dir")[0] + " with the mode's flags)"]
+           "Command: `python benchmarks/qlora_memory.py` (each row: " + shown(base_cmd("MODEL")) + " plus the mode's flags)"]
     (res / "qlora_memory.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -112,10 +112,8 @@ def install(model) -> bool:
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = labels[:, 1:]
         mask = labels != -100
-        log_probs, entropy, is_top1 = score_tokens(hidden[mask], head.weight, head.bias, labels[mask])
-        log_probs = log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)
-        entropy = entropy.new_zeros(mask.shape).masked_scatter(mask, entropy)
-        is_top1 = is_top1.new_zeros(mask.shape).masked_scatter(mask, is_top1)
+        scored = score_tokens(hidden[mask], head.weight, head.bias, labels[mask])
+        log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in scored)  # 0 where unlabelled
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
 

@@ -46,9 +46,8 @@ def lean_quantized_load(active: bool):
     try:
         yield
     finally:
-        if libc is not None:
+        if libc is not None:  # release_checkpoint_mapping, run after the load, trims the heap
             libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_THRESHOLD)
-            libc.malloc_trim(0)
 
 
 def release_checkpoint_mapping(model) -> None:
@@ -57,7 +56,7 @@ def release_checkpoint_mapping(model) -> None:
 
     with torch.no_grad():
         for module in model.modules():
-            for name, p in module._parameters.items():
+            for p in module._parameters.values():
                 if p is not None and p.device.type == "cpu" and p.dtype.is_floating_point:
                     p.data = p.data.clone()
             for name, b in module._buffers.items():

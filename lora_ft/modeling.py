@@ -105,11 +105,12 @@ def load_model(args, auto_class, training: bool = True, **model_kwargs):
     if args.attn_implementation:
         kw["attn_implementation"] = args.attn_implementation
     qc = quantization_config(args, skip_modules=QUANT_SKIP)
+    cuda = torch.cuda.is_available()
     if qc is not None:
         kw["quantization_config"] = qc
-        if torch.cuda.is_available():
+        if cuda:
             kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
-    cpu_quantized = qc is not None and not torch.cuda.is_available()
+    cpu_quantized = qc is not None and not cuda
     try:
         with cpu_memory.lean_quantized_load(cpu_quantized):
             model, info = auto_class.from_pretrained(path, output_loading_info=True, **kw)
