@@ -26,7 +26,13 @@ LORA_FT = str(Path(sys.executable).with_name("lora-ft"))
 DATA = str((ROOT / "../shared/data/instructions").resolve())
 # SmolLM2-1.7B's shape (hidden 2048, 24 layers, MLP 8192, 32 heads, vocab 49,152)
 BIG = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32}
-MODES = {"lora-fp32": ["--dtype", "float32"], "lora-bf16": ["--dtype", "bfloat16"], "qlora-nf4": ["--load_in_4bit", "true"]}
+# Pairs differ only in the linear layers' weights: bf16 vs 4-bit (embeddings and norms bf16 in both).
+# qlora-nf4-fp32rest is the recipe default (dtype float32: embeddings and norms in fp32).
+GC = ["--gradient_checkpointing", "true"]
+MODES = {"lora-fp32": ["--dtype", "float32"], "lora-bf16": ["--dtype", "bfloat16"],
+         "qlora-nf4": ["--load_in_4bit", "true", "--dtype", "bfloat16"], "qlora-nf4-fp32rest": ["--load_in_4bit", "true"],
+         "lora-bf16-ckpt": ["--dtype", "bfloat16", *GC], "qlora-nf4-ckpt": ["--load_in_4bit", "true", "--dtype", "bfloat16", *GC]}
+PAIRS = {"no checkpointing": ("qlora-nf4", "lora-bf16"), "gradient checkpointing": ("qlora-nf4-ckpt", "lora-bf16-ckpt")}
 SHORT = ["--max_steps", "3", "--eval_split", "none", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
          "--max_train_samples", "64", "--per_device_train_batch_size", "2", "--max_length", "256", "--logging_steps", "1"]
 
@@ -78,8 +84,8 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
     by = {(r["model"], r["mode"]): r["peak_memory_mb"] for r in rows}
-    ratios = {m: round(by[(m, "qlora-nf4")] / by[(m, "lora-bf16")], 2) for m in models
-              if by.get((m, "qlora-nf4")) and by.get((m, "lora-bf16"))}
+    ratios = {f"{m}, {pair}": round(by[(m, q)] / by[(m, lo)], 2) for m in models for pair, (q, lo) in PAIRS.items()
+              if by.get((m, q)) and by.get((m, lo))}
     out = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "nproc": os.cpu_count(),
            "rows": rows, "qlora_over_bf16_lora_peak": ratios}
     res = ROOT / "benchmarks/results"

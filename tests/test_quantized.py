@@ -53,7 +53,7 @@ def test_served_model_is_quantized_with_a_full_precision_head(quantized_run):
 
 
 def test_predict_matches_train_time_eval(quantized_run, capsys):
-    _, run_dir = quantized_run
+    mode, run_dir = quantized_run
     rows = json_lines((run_dir / "eval_predictions.jsonl").read_text(encoding="utf-8"))
     args = ["predict", str(run_dir)]
     for r in rows:
@@ -63,6 +63,8 @@ def test_predict_matches_train_time_eval(quantized_run, capsys):
     got = json_lines(capsys.readouterr().out)
     assert [g["text"] for g in got] == [r["text"] for r in rows]
     tol = 1e-4  # batch layout differs (padding to 8 at train time, to the longest here): last digits only
+    if mode == "4bit":  # training dequantizes into bf16 for a matmul; predict runs bitsandbytes' packed CPU kernel
+        tol = 1e-3
     for g, r in zip(got, rows):
         assert list(g["scores"]) == LABELS
         assert g["score"] == pytest.approx(r["score"], abs=tol)
