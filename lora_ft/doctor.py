@@ -135,14 +135,14 @@ def _checkpoint_keys(path: str) -> set[str]:
 def _memory_check(config, recipe) -> Check:
     import torch
 
-    from .memory import device_memory_gb, estimate, head_kind
+    from .memory import device_memory_gb, estimate, head_kind, recipe_mode, weight_bytes
 
     a, t = recipe.args, recipe.trainer
-    mode = "full" if not a.use_peft else "qlora4" if a.load_in_4bit else "qlora8" if a.load_in_8bit else "lora"
+    mode = recipe_mode(a)
     where, avail = device_memory_gb()
     try:
         est = estimate(config, batch_size=int(t.get("per_device_train_batch_size", 8)), seq_len=a.max_length, mode=mode,
-                       lora_r=a.lora_r, dtype_bytes=4 if a.dtype in ("float32", "auto") else 2,
+                       lora_r=a.lora_r, dtype_bytes=weight_bytes(a),
                        gradient_checkpointing=bool(t.get("gradient_checkpointing")),
                        lm_head=head_kind(a.task), cuda=torch.cuda.is_available())
     except Exception as e:  # an architecture AutoModel cannot build on meta: say so, do not block

@@ -60,6 +60,16 @@ def count_params(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def recipe_mode(args) -> str:
+    """The estimate's mode for a recipe: full, qlora4, qlora8 or lora."""
+    return "full" if not args.use_peft else "qlora4" if args.load_in_4bit else "qlora8" if args.load_in_8bit else "lora"
+
+
+def weight_bytes(args) -> int:
+    """Bytes per stored weight that was not quantized, from the recipe's `dtype`."""
+    return 4 if args.dtype in ("float32", "auto") else 2
+
+
 def head_kind(task: str) -> str:
     """How a task's training computes logits: none (a classifier head), chunked (causal LM) or full (seq2seq)."""
     return {"sequence-classification": "none", "causal-lm": "chunked"}.get(task, "full")

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import LoraFtError
-from .memory import Estimate, estimate, head_kind
+from .memory import Estimate, estimate, head_kind, weight_bytes
 
 MODES = ("lora", "qlora8", "qlora4", "full")
 OVERRIDES = {"lora": [], "qlora8": ["--load_in_8bit", "true"], "qlora4": ["--load_in_4bit", "true"], "full": ["--use_peft", "false"]}
@@ -38,7 +38,7 @@ def settings_for(recipe, config, cuda: bool) -> list[Setting]:
     a, t = recipe.args, recipe.trainer
     batch = int(t.get("per_device_train_batch_size", 8))
     accum = int(t.get("gradient_accumulation_steps", 1))
-    dtype_bytes = 4 if a.dtype in ("float32", "auto") else 2
+    dtype_bytes = weight_bytes(a)
     lm_head = head_kind(a.task)
     out = []
     from .memory import count_params

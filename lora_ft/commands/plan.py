@@ -21,7 +21,7 @@ def run(args, overrides: list[str]) -> int:
 
     from ..config import load_recipe
     from ..errors import RecipeError
-    from ..memory import device_memory_gb
+    from ..memory import device_memory_gb, recipe_mode
     from ..modeling import resolve_model_path
     from ..planner import parse_size, propose, settings_for
     from .train import split_recipe
@@ -35,7 +35,7 @@ def run(args, overrides: list[str]) -> int:
     cuda = torch.cuda.is_available() or bool(args.memory)  # a GPU budget: count no CPU runtime overhead
     where, budget = (f"--gpu-memory {args.memory}", parse_size(args.memory)) if args.memory else device_memory_gb()
     settings = settings_for(recipe, config, cuda)
-    mode = "full" if not a.use_peft else "qlora4" if a.load_in_4bit else "qlora8" if a.load_in_8bit else "lora"
+    mode = recipe_mode(a)
     best = propose(settings, budget, mode)
     if args.json:
         print(json.dumps({"budget_gb": round(budget, 2), "budget_source": where, "rows": [
