@@ -13,6 +13,7 @@ Only the frozen weight's gradient path is replaced: the input gradient is grad_o
 from __future__ import annotations
 
 import ctypes
+import functools
 import types
 
 import torch
@@ -43,13 +44,17 @@ def _make_forward(bnb_forward, scratch: dict):
             self.set_compute_type(x)
             self.compute_type_is_set = True
         in_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        autocast = torch.is_autocast_enabled("cpu")
+        # Under autocast the matmul runs in the autocast dtype whatever compute_dtype says (fp32 for an fp32 input):
+        # dequantizing straight into it saves autocast a weight-sized cast per call.
+        dtype = torch.get_autocast_dtype("cpu") if autocast else (self.compute_dtype or in_dtype)
+        x = x.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
         out = _Dequantized4bitLinear.apply(x, self.weight, qs, bias, scratch)
-        if torch.is_grad_enabled() and torch.is_autocast_enabled("cpu") and out.dtype == torch.get_autocast_dtype("cpu"):
-            # what nn.Linear returns under autocast: the activations saved downstream stay half-size. Evaluation
-            # (no grad) keeps bitsandbytes' output dtype, so its scores are the ones `lora-ft predict` gives.
+        if autocast and self.training:
+            # what nn.Linear returns under autocast: the activations saved downstream stay half-size. In eval mode
+            # the output keeps bitsandbytes' dtype, so train-time eval scores are the ones `lora-ft predict` gives.
+            # (self.training, not grad mode: reentrant checkpointing reruns a no-grad forward with grad on.)
             return out
         return out.to(in_dtype)
 
@@ -62,44 +67,57 @@ class _Dequantized4bitLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, quant_state, bias, scratch):
         ctx.weight, ctx.quant_state, ctx.scratch = weight, quant_state, scratch
-        return torch.nn.functional.linear(x, dequantize(weight, quant_state, x.dtype, scratch), bias)
+        return torch.nn.functional.linear(x, dequantize_into_scratch(weight, quant_state, x.dtype, scratch), bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the buffer is overwritten: no graph may keep it
     def backward(ctx, grad_out):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize(ctx.weight, ctx.quant_state, grad_out.dtype, ctx.scratch)
+            grad_x = grad_out @ dequantize_into_scratch(ctx.weight, ctx.quant_state, grad_out.dtype, ctx.scratch)
         return grad_x, None, None, None, None
 
 
-def dequantize(weight, qs, dtype: torch.dtype, scratch: dict) -> torch.Tensor:
-    """The [out, in] weight in `dtype`, written into this shape's buffer (valid until the next call)."""
+def dequantize_into_scratch(weight, qs, dtype: torch.dtype, scratch: dict) -> torch.Tensor:
+    """The [out, in] weight in `dtype`, written into this shape's buffer in `scratch`: valid until the next call."""
     n_out, n_in = qs.shape
     absmax = qs.absmax
     if qs.nested:  # the per-block scales are themselves 8-bit: recover them (1/64 of the weight's size)
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
             qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32) + qs.offset
+    absmax = absmax.float().contiguous()
     kernel = _kernel(qs.quant_type, dtype, qs.blocksize, n_in)
-    if kernel is None:  # a layout the native kernel does not take: bitsandbytes' own (allocating) dequantization
-        return torch.ops.bitsandbytes.dequantize_4bit.default(
-            weight.data, absmax.float(), qs.blocksize, qs.quant_type, (n_out, n_in), dtype)
+    if kernel is None:
+        return _dequantize_generic(weight, absmax, qs, dtype)
     out = scratch.get((n_out, n_in, dtype))
     if out is None:
         out = scratch[(n_out, n_in, dtype)] = torch.empty((n_out, n_in), dtype=dtype)
     packed = weight.data.view(torch.uint8).reshape(n_out, n_in // 2)
-    absmax = absmax.float().contiguous()
     kernel(_ptr(packed), _ptr(absmax), _ptr(out), ctypes.c_longlong(qs.blocksize),
            ctypes.c_longlong(n_out), ctypes.c_longlong(n_in))
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(quant_type: str, dtype: torch.dtype, blocksize: int, n_in: int):
-    """bitsandbytes' native CPU dequantization into a given buffer, where it applies (as its own CPU backend decides)."""
+    """bitsandbytes' native CPU dequantization into a given buffer, where it is right: its rows must be whole blocks
+    (measured with bitsandbytes 0.50: rows of 96 in blocks of 64 come out wrong, max error 1.95 vs 0.45)."""
     from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib
 
-    if isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or blocksize >= 2048 or n_in % 2 or dtype not in _DTYPE_SUFFIX:
+    if (isinstance(lib, ErrorHandlerMockBNBNativeLibrary) or blocksize >= 2048 or n_in % blocksize
+            or dtype not in _DTYPE_SUFFIX):
         return None
     return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_{_DTYPE_SUFFIX[dtype]}", None)
+
+
+def _dequantize_generic(weight, absmax, qs, dtype):
+    """bitsandbytes' pure-torch dequantization (a new tensor each call), for layouts the native kernel gets wrong."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    code = _get_4bit_code(qs.quant_type, weight.device)
+    return _dequantize_4bit_compute(weight.data.view(torch.uint8).reshape(-1), absmax, code, qs.blocksize,
+                                    tuple(qs.shape), dtype)
 
 
 def _ptr(t: torch.Tensor):

@@ -8,8 +8,9 @@ Measured on a SmolLM2-1.7B-shaped model loaded in 4-bit on CPU (0.96 GB of param
   every page of the file that quantization read resident (3.2 GB); owning copies of them let the mapping go
   (resident 4.4 -> 1.5 GB);
 - while the load runs, every checkpoint page read so far stays mapped into this process and counts in its resident
-  memory (load peak 5.2 GB, 3.3 GB of it file pages of a 3.4 GB bf16 checkpoint); dropping the read-only checkpoint
-  mappings' pages after each tensor is quantized keeps the peak at the quantized model's size (see `_drop_checkpoint_pages`).
+  memory (load peak 5.2 GB, 3.3 GB of it file pages of a 3.4 GB bf16 checkpoint); reclaiming the checkpoint
+  mapping's pages after each tensor is quantized keeps the peak near the quantized model's size (2.1 GB; see
+  `reclaim_new_file_pages`).
 Elsewhere (GPU loads, other platforms) these are no-ops.
 """
 
@@ -22,6 +23,7 @@ import functools
 import gc
 import os
 import sys
+from typing import NamedTuple
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _MADV_PAGEOUT = 21  # Linux 5.4+ madvise advice: reclaim these pages now (never changes their contents)
@@ -49,7 +51,11 @@ def lean_quantized_load(active: bool):
     set_threshold = libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ
     if set_threshold:
         libc.mallopt(_M_MMAP_THRESHOLD, _LOAD_THRESHOLD)
-    restore = _after_each_quantization(_drop_checkpoint_pages) if libc is not None else []
+    if libc is not None:
+        already_mapped = {m.file for m in _file_mappings()}  # other models' zero-copy weights are not this load's
+        restore = _after_each_quantization(lambda: reclaim_new_file_pages(already_mapped))
+    else:
+        restore = []
     try:
         yield
     finally:
@@ -71,8 +77,8 @@ def _after_each_quantization(hook) -> list:
         if original is None:  # another bitsandbytes layout: no hook, only the usual (higher) load peak
             continue
 
-        def quantize_then_hook(self, device, _original=original):
-            out = _original(self, device)
+        def quantize_then_hook(self, *args, _original=original, **kwargs):
+            out = _original(self, *args, **kwargs)
             hook()
             return out
 
@@ -81,25 +87,45 @@ def _after_each_quantization(hook) -> list:
     return restore
 
 
-def _drop_checkpoint_pages() -> None:
-    """Ask the kernel to reclaim the pages of this process's safetensors mappings.
+class _Mapping(NamedTuple):
+    start: int
+    end: int
+    perms: str
+    file: tuple[str, int]  # (device, inode): a Hub cache maps blobs/<sha>, never the *.safetensors link name
+    path: str
 
-    MADV_PAGEOUT is advice, never a change of contents: a clean file page is read back from the file at its next
-    access (the zero-copy views of embeddings and norms), a page written in private is kept. Older kernels refuse
-    the advice (EINVAL), which leaves the usual, higher load peak.
-    """
-    libc = _glibc()
+
+def _file_mappings() -> list[_Mapping]:
+    """This process's file-backed memory mappings, from /proc/self/maps."""
     try:
         with open("/proc/self/maps") as f:
             lines = f.readlines()
     except OSError:
-        return
+        return []
+    out = []
     for line in lines:
         parts = line.split(None, 5)
-        if len(parts) < 6 or not parts[5].rstrip().endswith(".safetensors"):
+        if len(parts) == 6 and parts[4] != "0":
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            out.append(_Mapping(start, end, parts[1], (parts[3], int(parts[4])), parts[5].rstrip()))
+    return out
+
+
+def reclaim_new_file_pages(already_mapped: set) -> None:
+    """Ask the kernel to reclaim the pages of file mappings made since the load began: the checkpoint's.
+
+    MADV_PAGEOUT is advice, never a change of contents: a clean file page is read back from the file at its next
+    access (the zero-copy views of embeddings and norms), a page written in private is kept. Clean file pages were
+    always reclaimable under memory pressure; this makes the process's resident memory (what a cgroup or a
+    scheduler counts) say so at once. The pages also leave the page cache, so the next load reads the file from
+    disk. Kernels before 5.4 refuse the advice (EINVAL), and the kernel skips files this user could not write:
+    both leave the usual, higher load peak. Shared libraries loaded meanwhile are left alone.
+    """
+    libc = _glibc()
+    for m in _file_mappings():
+        if m.file in already_mapped or "x" in m.perms or ".so" in os.path.basename(m.path):
             continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+        libc.madvise(ctypes.c_void_p(m.start), ctypes.c_size_t(m.end - m.start), _MADV_PAGEOUT)
 
 
 def release_checkpoint_mapping(model) -> None:

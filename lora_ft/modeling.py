@@ -185,8 +185,10 @@ def lora_config(args, task_type: str, modules_to_save: list[str]):
     )
 
 
-def attach_peft(model, args, task_type: str, modules_to_save: list[str], gradient_checkpointing: bool = False):
-    """Wrap `model` with LoRA (preparing a k-bit base first), or return it unchanged for full fine-tuning."""
+def attach_peft(model, args, task_type: str, modules_to_save: list[str], gradient_checkpointing: bool = False,
+                mixed_precision: bool = False):
+    """Wrap `model` with LoRA (preparing a k-bit base first), or return it unchanged for full fine-tuning.
+    mixed_precision: the trainer runs under bf16/fp16 autocast (trainable weights then go to fp32)."""
     if not args.use_peft:
         return model
     from peft import get_peft_model
@@ -194,11 +196,17 @@ def attach_peft(model, args, task_type: str, modules_to_save: list[str], gradien
     if args.load_in_4bit or args.load_in_8bit:
         model = prepare_kbit_model(model, gradient_checkpointing)
     if args.adapter_name_or_path:
-        return train_in_fp32(load_adapter_for_training(model, args.adapter_name_or_path))
-    try:
-        return train_in_fp32(get_peft_model(model, lora_config(args, task_type, modules_to_save)))
-    except ValueError as e:  # peft's "Target modules {...} not found in the base model"
-        raise LoraFtError(f"lora_target_modules: {_first_line(e)}; use module names of this model or all-linear") from None
+        model = load_adapter_for_training(model, args.adapter_name_or_path)
+    else:
+        try:
+            model = get_peft_model(model, lora_config(args, task_type, modules_to_save))
+        except ValueError as e:  # peft's "Target modules {...} not found in the base model"
+            raise LoraFtError(f"lora_target_modules: {_first_line(e)}; use module names of this model or all-linear") from None
+    # Without autocast a bf16 head copy must stay bf16: nothing would cast its bf16 input. Sharded (FSDP, ZeRO-3)
+    # parameters are flat shards that must keep one dtype.
+    if mixed_precision and not sharded_engine():
+        train_in_fp32(model)
+    return model
 
 
 def prepare_kbit_model(model, gradient_checkpointing: bool):
@@ -211,22 +219,23 @@ def prepare_kbit_model(model, gradient_checkpointing: bool):
     import torch
     from peft import prepare_model_for_kbit_training
 
-    bf16 = [p for p in model.parameters() if p.dtype == torch.bfloat16]
+    # FSDP / ZeRO-3 QLoRA stores everything in one dtype (bnb_4bit_quant_storage): peft's preparation as it is there.
+    bf16 = [] if sharded_engine() else [p for p in model.parameters() if p.dtype == torch.bfloat16]
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     for p in bf16:
         p.data = p.data.to(torch.bfloat16)
     return model
 
 
-def train_in_fp32(model):
-    """Trainable weights in fp32 whatever `dtype` the base loaded in: peft upcasts its LoRA weights, not the heads
-    it copies for modules_to_save, and an optimizer stepping bf16 weights loses small updates to rounding."""
+def train_in_fp32(model) -> None:
+    """Trainable weights in fp32 whatever `dtype` the base loaded in (under autocast, which casts their inputs):
+    peft upcasts its LoRA weights, not the heads it copies for modules_to_save, and an optimizer stepping bf16
+    weights loses small updates to rounding."""
     import torch
 
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
-    return model
 
 
 def load_adapter_for_training(model, adapter_path: str):

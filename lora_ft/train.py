@@ -94,7 +94,8 @@ def train(recipe: Recipe, callbacks: list | None = None) -> Path:
     if a.head_init == "label_words" and not a.adapter_name_or_path:
         task.init_head_from_label_words(model, tokenizer, a.labels, a.model_name_or_path)
     modules_to_save = sorted(set(a.lora_modules_to_save or []) | set(new_top_modules(model, new_params)))
-    model = attach_peft(model, a, task.PEFT_TASK_TYPE, modules_to_save, targs.gradient_checkpointing)
+    model = attach_peft(model, a, task.PEFT_TASK_TYPE, modules_to_save, targs.gradient_checkpointing,
+                        mixed_precision=targs.bf16 or targs.fp16)
     trainable, total = count_parameters(model)
     world = targs.world_size
     per_step = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world

@@ -54,7 +54,9 @@ def test_output_keeps_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert quantized_linear()(x).dtype == torch.float32  # bitsandbytes' own
         assert ours(x).dtype == torch.bfloat16
-        assert torch.nn.Linear(128, 4)(x).dtype == torch.bfloat16
+        ours.eval()
+        assert ours(x).dtype == torch.float32  # eval: bitsandbytes' dtype, so scores match `lora-ft predict`
+        ours.train()
     assert ours(x).dtype == torch.float32  # no autocast: the input's dtype, as before
 
 
@@ -71,7 +73,49 @@ def test_layers_of_one_shape_share_a_buffer_without_mixing_weights():
     torch.testing.assert_close(x.grad, xr.grad)
 
 
-def test_training_after_an_eval_still_passes_gradient_through_4bit_layers(tmp_path, tiny_llama):
+def test_one_buffer_per_shape_and_dtype():
+    q = quantized_linear(128, 192)
+    scratch = {}
+    first = cpu_linear4bit.dequantize_into_scratch(q.weight, q.weight.quant_state, torch.bfloat16, scratch)
+    again = cpu_linear4bit.dequantize_into_scratch(q.weight, q.weight.quant_state, torch.bfloat16, scratch)
+    fp32 = cpu_linear4bit.dequantize_into_scratch(q.weight, q.weight.quant_state, torch.float32, scratch)
+    assert first.data_ptr() == again.data_ptr() and len(scratch) == 2
+    torch.testing.assert_close(fp32, bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float())
+
+
+def test_rows_of_partial_blocks_dequantize_right():
+    """bitsandbytes 0.50's native CPU kernel gets rows that are not whole 64-blocks wrong (max error ~2 on randn
+    weights); those shapes take its generic path here."""
+    torch.manual_seed(0)
+    w = torch.randn(100, 96)
+    p = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4").to("cpu")
+    got = cpu_linear4bit.dequantize_into_scratch(p, p.quant_state, torch.float32, {})
+    assert (got - w).abs().max() < 0.6  # nf4's own rounding of randn weights: ~0.5
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+def test_standard_layout_keeps_bitsandbytes_own_backward_after_an_eval():
+    """The repacking itself: with bitsandbytes' forward (no lora_ft forward installed), an eval-mode no-grad call
+    repacks the weight for a kernel without backward, unless modeling.keep_standard_4bit_layout turned it off."""
+    from lora_ft.modeling import keep_standard_4bit_layout
+
+    def grad_after_eval(layer):
+        layer.eval()
+        with torch.no_grad():
+            layer(torch.randn(2, 128))
+        layer.train()
+        return run(layer, torch.randn(3, 128), autocast=False)[1]
+
+    plain = quantized_linear()
+    plain.support_avx512bf16_for_cpu = True  # bitsandbytes' default on this CPU
+    assert grad_after_eval(plain) is None  # the trap: no gradient reaches the input any more
+    kept = quantized_linear()
+    kept.support_avx512bf16_for_cpu = True
+    keep_standard_4bit_layout(torch.nn.Sequential(kept))
+    assert grad_after_eval(kept) is not None
+
+
+def test_training_after_an_eval_still_passes_gradient_through_4bit_layers(tiny_llama):
     """bitsandbytes repacks 4-bit weights at a no-grad eval forward on AVX512-BF16 CPUs, and the packed kernel has no
     backward: after the first eval, layers stopped passing gradient to their input. A training load keeps the layout."""
     from transformers import AutoModelForCausalLM
@@ -108,9 +152,14 @@ def test_bf16_weights_stay_bf16_and_trainable_ones_are_fp32(tiny_llama):
 
     a = resolve({"model_name_or_path": str(tiny_llama), "dataset_name": "d", "load_in_4bit": True,
                  "dtype": "bfloat16", "labels": ["a", "b", "c"]}).args
-    model, new = load_model(a, AutoModelForSequenceClassification, num_labels=3)
-    model = attach_peft(model, a, "SEQ_CLS", new_top_modules(model, new))
-    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
-    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
-    assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen  # peft alone upcasts these to fp32
-    assert any("score" in n for n in trained) and set(trained.values()) == {torch.float32}, trained
+    ids = torch.tensor([[5, 9, 13, 21]])
+    for mixed_precision in (True, False):
+        model, new = load_model(a, AutoModelForSequenceClassification, num_labels=3)
+        model = attach_peft(model, a, "SEQ_CLS", new_top_modules(model, new), mixed_precision=mixed_precision)
+        frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+        heads = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad and "score" in n}
+        assert frozen and set(frozen.values()) == {torch.bfloat16}, frozen  # peft alone upcasts these to fp32
+        # under autocast the head trains in fp32; without it, fp32 weights would meet bf16 inputs and fail
+        assert heads and set(heads.values()) == {torch.float32 if mixed_precision else torch.bfloat16}, heads
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision):
+            model(input_ids=ids).logits.float().sum().backward()
