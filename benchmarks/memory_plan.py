@@ -36,6 +36,14 @@ SHORT = ["--max_steps", "3", "--eval_split", "none", "--save_strategy", "no", "-
          "--max_train_samples", "64", "--logging_steps", "1"]
 
 
+def short_run(args: list[str], run: Path) -> tuple[list[str], subprocess.CompletedProcess, dict]:
+    """`lora-ft train ARGS` for 3 steps into a fresh `run` dir: (the command, its process, its metrics.json or {})."""
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [LORA_FT, "train", *args, *SHORT, "--output_dir", str(run)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    return cmd, proc, json.loads((run / "metrics.json").read_text()) if proc.returncode == 0 else {}
+
+
 def predicted(args: list[str]) -> float:
     out = subprocess.run([LORA_FT, "plan", "--json", *args], cwd=ROOT, capture_output=True, text=True)
     rows = json.loads(out.stdout)["rows"]
@@ -50,11 +58,8 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, args in CONFIGS.items():
-        run = OUT / name
-        shutil.rmtree(run, ignore_errors=True)
-        cmd = [LORA_FT, "train", *args, *SHORT, "--output_dir", str(run)]
-        rc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True).returncode
-        measured = json.loads((run / "metrics.json").read_text())["peak_memory_mb"] if rc == 0 else None
+        _, proc, metrics = short_run(args, OUT / name)
+        rc, measured = proc.returncode, metrics.get("peak_memory_mb")
         pred = predicted([*args])
         row = {"name": name, "returncode": rc, "measured_mb": measured, "predicted_mb": round(pred, 1),
                "error_pct": round(100 * (pred - measured) / measured, 1) if measured else None, "command": " ".join(["lora-ft", "train", *args])}

@@ -15,14 +15,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+from memory_plan import LORA_FT, SHORT, short_run  # the same 3-step runs, nothing saved
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks/out/qlora_memory"
-LORA_FT = str(Path(sys.executable).with_name("lora-ft"))
 DATA = str((ROOT / "../shared/data/instructions").resolve())
 # SmolLM2-1.7B's shape (hidden 2048, 24 layers, MLP 8192, 32 heads, vocab 49,152)
 BIG = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32}
@@ -33,12 +32,11 @@ MODES = {"lora-fp32": ["--dtype", "float32"], "lora-bf16": ["--dtype", "bfloat16
          "qlora-nf4": ["--load_in_4bit", "true", "--dtype", "bfloat16"], "qlora-nf4-fp32rest": ["--load_in_4bit", "true"],
          "lora-bf16-ckpt": ["--dtype", "bfloat16", *GC], "qlora-nf4-ckpt": ["--load_in_4bit", "true", "--dtype", "bfloat16", *GC]}
 PAIRS = {"no checkpointing": ("qlora-nf4", "lora-bf16"), "gradient checkpointing": ("qlora-nf4-ckpt", "lora-bf16-ckpt")}
-SHORT = ["--max_steps", "3", "--eval_split", "none", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-         "--max_train_samples", "64", "--per_device_train_batch_size", "2", "--max_length", "256", "--logging_steps", "1"]
+BATCH = ["--per_device_train_batch_size", "2", "--max_length", "256"]
 
 
-def base_cmd(model: str) -> list[str]:
-    return [LORA_FT, "train", "recipes/smollm2_sft.yaml", "--dataset_name", DATA, "--model_name_or_path", model, *SHORT]
+def base_args(model: str) -> list[str]:
+    return ["recipes/smollm2_sft.yaml", "--dataset_name", DATA, "--model_name_or_path", model, *BATCH]
 
 
 def shown(cmd: list[str]) -> str:
@@ -73,11 +71,7 @@ def main() -> int:
     rows = []
     for model_name, model in models.items():
         for mode, extra in MODES.items():
-            run = OUT / f"{model_name}-{mode}"
-            shutil.rmtree(run, ignore_errors=True)
-            cmd = [*base_cmd(model), *extra, "--output_dir", str(run)]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-            m = json.loads((run / "metrics.json").read_text()) if proc.returncode == 0 else {}
+            cmd, proc, m = short_run([*base_args(model), *extra], OUT / f"{model_name}-{mode}")
             row = {"model": model_name, "mode": mode, "returncode": proc.returncode, "peak_memory_mb": m.get("peak_memory_mb"),
                    "train_runtime_s": m.get("train_runtime"), "command": shown(cmd),
                    **({"error": proc.stderr[-600:]} if proc.returncode else {})}
@@ -94,7 +88,8 @@ def main() -> int:
           "| model | mode | peak RSS MB | train s (3 steps) |", "|---|---|---|---|"]
     md += [f"| {r['model']} | {r['mode']} | {r['peak_memory_mb']} | {r['train_runtime_s']} |" for r in rows]
     md += ["", "QLoRA / bf16 LoRA peak: " + "; ".join(f"{k} {v}" for k, v in ratios.items()), "",
-           "Command: `python benchmarks/qlora_memory.py` (each row: " + shown(base_cmd("MODEL")) + " plus the mode's flags)"]
+           "Command: `python benchmarks/qlora_memory.py` (each row: " + shown([LORA_FT, "train", *base_args("MODEL"), *SHORT])
+           + " plus the mode's flags)"]
     (res / "qlora_memory.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

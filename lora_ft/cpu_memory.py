@@ -51,11 +51,10 @@ def lean_quantized_load(active: bool):
     set_threshold = libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ
     if set_threshold:
         libc.mallopt(_M_MMAP_THRESHOLD, _LOAD_THRESHOLD)
+    restore = []
     if libc is not None:
         already_mapped = {m.file for m in _file_mappings()}  # other models' zero-copy weights are not this load's
         restore = _after_each_quantization(lambda: reclaim_new_file_pages(already_mapped))
-    else:
-        restore = []
     try:
         yield
     finally:
