@@ -1,0 +1,66 @@
+"""DoRA linear layers trained on CPU: the weight norm in closed form, the output in the base layer's dtype.
+
+peft's DoRA (0.21) computes, at every forward of every adapted linear layer,
+- the row norms of W + s*BA by building that dense matrix: under bf16 autocast BA comes out bf16, so the
+  out x in add runs with dtype promotion (a profile of the tweet classifier: about 10% of each step), and
+- its output as (m - 1) * base + m * lora * s with m in fp32: four activation-sized elementwise ops in fp32
+  whose result peft casts back to the base output's dtype (bf16 under autocast) straight after.
+Here the norm comes from ||W_i||^2 (cached: W is frozen) + 2s (W A^T)_i . B_i + s^2 B_i (A A^T) B_i^T, which
+costs one out x in x r matmul, and the output is computed in the base output's dtype (bf16 under autocast, as the
+plain LoRA path computes it; fp32 without autocast, where the result equals peft's to rounding).
+The norm stays detached from the graph and the magnitude gets its gradient, as in peft (DoRA paper, section 4.3).
+Only DoraLinearLayer on CPU with no LoRA dropout takes this path; everything else goes to peft unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def install(model) -> int:
+    """Give every DoRA linear layer of `model` the CPU forward. Returns how many layers got it."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    n = 0
+    for m in model.modules():
+        if type(m) is DoraLinearLayer:  # subclasses (embedding, conv) keep peft's forward
+            m.forward = types.MethodType(_forward, m)
+            n += 1
+    return n
+
+
+def _forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    if base_result is None or x.device.type != "cpu":  # dropout on (peft recomputes the base) or not CPU
+        return DoraLinearLayer.forward(self, x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
+                                       base_result=base_result, adapter_name=adapter_name)
+    m = (self.weight / weight_row_norm(self, base_layer, lora_A.weight, lora_B.weight, scaling)).view(1, -1)
+    lora_result = lora_B(lora_A(x))
+    dt = base_result.dtype
+    if base_layer.bias is not None:
+        base_result = base_result - base_layer.bias.to(dt)
+    return torch.addcmul(base_result * (m - 1).to(dt), lora_result.to(dt), (m * scaling).to(dt))
+
+
+@torch.no_grad()
+def weight_row_norm(dora, base_layer, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Row norms of W + scaling * B @ A (fp32, detached) without forming the out x in matrix."""
+    from peft.utils.integrations import dequantize_module_weight
+    from peft.utils.other import transpose
+
+    with torch.autocast("cpu", enabled=False):
+        w = transpose(dequantize_module_weight(base_layer), dora.fan_in_fan_out)  # (out, in)
+        key = (id(base_layer.weight), base_layer.weight._version, tuple(w.shape))
+        cached = getattr(dora, "_lora_ft_w_sq", None)
+        if cached is None or cached[0] != key:
+            cached = (key, w.float().pow(2).sum(1))  # frozen: once per layer (again after a merge changes W)
+            dora._lora_ft_w_sq = cached
+        w_sq = cached[1]
+        A, B = A.float(), B.float()
+        wa = w @ A.to(w.dtype).T  # (out, r): the only weight-sized work, in the weight's own dtype
+        cross = (wa.float() * B).sum(1)
+        ba_sq = ((B @ (A @ A.T)) * B).sum(1)
+        return (w_sq + (2 * scaling) * cross + (scaling * scaling) * ba_sq).clamp_min(0).sqrt()

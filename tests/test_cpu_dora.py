@@ -1,0 +1,142 @@
+"""DoRA linear layers on CPU (lora_ft.cpu_dora) against peft's own DoRA: outputs, every gradient, the weight norm,
+and the fall-backs to peft."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from lora_ft import cpu_dora
+
+
+def dora_pair(bias=True, dropout=0.0, dtype=torch.float32, seed=0):
+    """(peft's model, the same model with cpu_dora installed); lora_B non-zero so the adapter matters."""
+    torch.manual_seed(seed)
+    base = torch.nn.Sequential(torch.nn.Linear(48, 96, bias=bias), torch.nn.SiLU(), torch.nn.Linear(96, 40, bias=False)).to(dtype)
+    ref = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=True, lora_dropout=dropout))
+    for name, p in ref.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+        if "magnitude" in name:
+            p.data.mul_(torch.linspace(0.8, 1.2, p.numel()))  # m differs from the norm, as after training
+    ours = copy.deepcopy(ref)
+    assert cpu_dora.install(ours) == 2
+    return ref, ours
+
+
+def step(model, x, autocast: bool):
+    model.zero_grad()
+    torch.manual_seed(1)  # same dropout mask in both models
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model(x)
+    (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_without_autocast_equals_peft(bias):
+    ref, ours = dora_pair(bias=bias)
+    x = torch.randn(6, 48)
+    y_ref, g_ref = step(ref, x, autocast=False)
+    y, g = step(ours, x, autocast=False)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert len(g) == 6 and g.keys() == g_ref.keys()
+    for name in g:
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_under_autocast_keeps_the_base_dtype_and_stays_close_to_peft():
+    ref, ours = dora_pair()
+    x = torch.randn(6, 48)
+    y_ref, g_ref = step(ref, x, autocast=True)
+    y, g = step(ours, x, autocast=True)
+    assert y.dtype == y_ref.dtype == torch.bfloat16  # peft casts its fp32 sum back: computing it in bf16 is the saving
+    assert (y.float() - y_ref.float()).norm() / y_ref.float().norm() < 2e-2
+    for name in g:
+        assert g[name].dtype == torch.float32
+        assert (g[name] - g_ref[name]).norm() / g_ref[name].norm() < 3e-2, name
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_weight_norm_matches_the_dense_formula(dtype, tol):
+    ref, ours = dora_pair(dtype=dtype)
+    layer = ours.base_model.model[0]
+    A, B = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    s = layer.scaling["default"]
+    w = layer.base_layer.weight
+    exact = (w.double() + s * (B.double() @ A.double())).norm(dim=1)
+    got = cpu_dora.weight_row_norm(layer.lora_magnitude_vector["default"], layer.base_layer, A, B, s)
+    assert got.dtype == torch.float32 and not got.requires_grad
+    assert ((got.double() - exact).abs() / exact).max() < tol
+
+
+def test_cached_weight_norm_follows_a_changed_base_weight():
+    """||W||^2 is cached per layer; a merge or a load that writes W in place must not leave it stale."""
+    ref, ours = dora_pair()
+    x = torch.randn(3, 48)
+    ours(x)
+    for model in (ref, ours):
+        with torch.no_grad():
+            model.base_model.model[0].base_layer.weight.mul_(1.5)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_with_dropout_peft_forward_is_used():
+    """With dropout peft recomputes the base output on the dropped input: that path is left to peft."""
+    ref, ours = dora_pair(dropout=0.5)
+    ref.train(), ours.train()
+    x = torch.randn(6, 48)
+    y_ref, _ = step(ref, x, autocast=True)
+    y, _ = step(ours, x, autocast=True)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_layers_and_attach_peft(tiny_gpt2):
+    """GPT-2's Conv1D stores W transposed (fan_in_fan_out): the norm must read it the right way round. attach_peft
+    installs the forward for DoRA recipes."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_ft.config import resolve
+    from lora_ft.modeling import attach_peft
+
+    args = resolve({"model_name_or_path": str(tiny_gpt2), "dataset_name": "d", "use_dora": "true",
+                    "lora_target_modules": "c_attn,c_fc"}).args
+    torch.manual_seed(0)
+    ours = attach_peft(AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=3, pad_token_id=0), args, "SEQ_CLS", [])
+    dora = [m for m in ours.modules() if type(m).__name__ == "DoraLinearLayer"]
+    assert dora and all("forward" in vars(m) for m in dora)
+    assert all(m.fan_in_fan_out for m in dora)
+    for name, p in ours.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ref = copy.deepcopy(ours)
+    for m in ref.modules():
+        if type(m).__name__ == "DoraLinearLayer":
+            del m.forward  # back to peft's
+    ids = torch.randint(5, 100, (2, 7))
+    ref.eval(), ours.eval()
+    torch.testing.assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_4bit_base_norm_uses_the_dequantized_weight():
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft.utils.integrations import dequantize_module_weight
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(128, 64, bias=False)
+    q = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    q = q.to("cpu")
+    q.support_avx512bf16_for_cpu = False
+    model = get_peft_model(torch.nn.Sequential(q), LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True, lora_dropout=0.0))
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    w = dequantize_module_weight(layer.base_layer).double()
+    assert (w - dense.weight.double()).abs().max() > 1e-3  # the quantized weight, not the original
+    exact = (w + s * (B.double() @ A.double())).norm(dim=1)
+    got = cpu_dora.weight_row_norm(layer.lora_magnitude_vector["default"], layer.base_layer, A, B, s)
+    assert ((got.double() - exact).abs() / exact).max() < 1e-5
