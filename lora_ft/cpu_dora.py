@@ -9,6 +9,7 @@ Here the norm comes from ||W_i||^2 (cached: W is frozen) + 2s (W A^T)_i . B_i + 
 costs one out x in x r matmul, and the output is computed in the base output's dtype (bf16 under autocast, as the
 plain LoRA path computes it; fp32 without autocast, where the result equals peft's to rounding).
 The norm stays detached from the graph and the magnitude gets its gradient, as in peft (DoRA paper, section 4.3).
+In eval mode the norm is kept while the weights are unchanged, so inference computes it once per layer.
 Only DoraLinearLayer on CPU with no LoRA dropout takes this path; everything else goes to peft unchanged.
 """
 
@@ -47,20 +48,50 @@ def _forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, 
 
 @torch.no_grad()
 def weight_row_norm(dora, base_layer, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Row norms of W + scaling * B @ A (fp32, detached) without forming the out x in matrix."""
-    from peft.utils.integrations import dequantize_module_weight
+    """Row norms of W + scaling * B @ A (fp32, detached) without forming the out x in matrix.
+
+    In eval mode the norm is kept for the next forward (predict and serve compute it once per layer) while W, A and
+    B look unchanged: same tensors, in-place versions and sums (the fused AdamW kernel the Trainer uses updates
+    weights without bumping their versions). In train mode it is computed afresh and nothing is kept."""
     from peft.utils.other import transpose
 
+    bw = base_layer.weight
+    w_key = (id(bw), bw.data_ptr(), bw._version)
+    key = None
+    if dora.training:
+        dora.__dict__.pop("_lora_ft_norm", None)
+    else:
+        key = (w_key, A.data_ptr(), A._version, float(A.sum()), B.data_ptr(), B._version, float(B.sum()), scaling)
+        cached = dora.__dict__.get("_lora_ft_norm")
+        if cached is not None and cached[0] == key:
+            return cached[1]
     with torch.autocast("cpu", enabled=False):
-        w = transpose(dequantize_module_weight(base_layer), dora.fan_in_fan_out)  # (out, in)
-        key = (id(base_layer.weight), base_layer.weight._version, tuple(w.shape))
-        cached = getattr(dora, "_lora_ft_w_sq", None)
-        if cached is None or cached[0] != key:
-            cached = (key, w.float().pow(2).sum(1))  # frozen: once per layer (again after a merge changes W)
-            dora._lora_ft_w_sq = cached
-        w_sq = cached[1]
+        w = transpose(_frozen_weight(base_layer), dora.fan_in_fan_out)  # (out, in)
+        w_sq = getattr(dora, "_lora_ft_w_sq", None)
+        if w_sq is None or w_sq[0] != w_key:
+            w_sq = (w_key, w.float().pow(2).sum(1))  # W is frozen: once per layer (again after a merge writes W)
+            dora._lora_ft_w_sq = w_sq
         A, B = A.float(), B.float()
         wa = w @ A.to(w.dtype).T  # (out, r): the only weight-sized work, in the weight's own dtype
         cross = (wa.float() * B).sum(1)
         ba_sq = ((B @ (A @ A.T)) * B).sum(1)
-        return (w_sq + (2 * scaling) * cross + (scaling * scaling) * ba_sq).clamp_min(0).sqrt()
+        norm = (w_sq[1] + (2 * scaling) * cross + (scaling * scaling) * ba_sq).clamp_min(0).sqrt()
+    if key is not None:
+        dora._lora_ft_norm = (key, norm)
+    return norm
+
+
+def _frozen_weight(base_layer) -> torch.Tensor:
+    """The base layer's weight in floating point. An 8-bit weight is dequantized from its scales without peft's
+    `module.weight = module.weight.to(device)`: that new Int8Params carries the int8 data but no scales, and the
+    layer's next forward copies the missing scales into its matmul state (bitsandbytes 0.50:
+    "'NoneType' object has no attribute 'unsqueeze'" on CPU)."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    weight = base_layer.weight
+    if type(weight).__name__ == "Int8Params":
+        import bitsandbytes as bnb
+
+        scales = weight.SCB if weight.SCB is not None else base_layer.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scales)
+    return dequantize_module_weight(base_layer)

@@ -14,6 +14,7 @@ def load_run(run_dir: str | Path):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from . import cpu_dora
     from .modeling import fix_pad_token, load_model
     from .tasks import auto_class, get_task
 
@@ -28,6 +29,7 @@ def load_run(run_dir: str | Path):
         model, _ = load_model(a, auto_class(task), training=False, **extra)
         task.setup_model(model, tok)
         model = PeftModel.from_pretrained(model, str(p))
+        cpu_dora.install(model)  # DoRA adapters: the weight norm once per layer, not per forward
     else:  # use_peft: false wrote a whole model
         from dataclasses import replace
 

@@ -140,3 +140,24 @@ def test_4bit_base_norm_uses_the_dequantized_weight():
     exact = (w + s * (B.double() @ A.double())).norm(dim=1)
     got = cpu_dora.weight_row_norm(layer.lora_magnitude_vector["default"], layer.base_layer, A, B, s)
     assert ((got.double() - exact).abs() / exact).max() < 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("eval_between", [True, False])
+def test_norm_follows_optimizer_steps(fused, eval_between):
+    """Eval mode keeps the norm between forwards (inference computes it once); no optimizer step may leave it stale,
+    the fused AdamW kernel included (it does not bump tensor versions), with or without train-mode forwards."""
+    ref, ours = dora_pair()
+    x = torch.randn(6, 48)
+    for model in (ref, ours):
+        if eval_between:
+            model.eval()  # a hand loop stepping in eval mode: only the weights' sums show the change
+            with torch.no_grad():
+                model(x)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, fused=fused, foreach=None if fused else False)
+        for _ in range(3):
+            step(model, x, autocast=False)
+            opt.step()
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-4, atol=1e-5)

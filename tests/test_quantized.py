@@ -96,3 +96,12 @@ def test_dora_on_4bit_keeps_a_weight_layout_peft_can_read(tmp_path, tiny_llama, 
         ref = x @ dequantize_module_weight(layer).float().T
         got = layer(x).float()
     assert ((got - ref).norm() / ref.norm()) < 0.05
+
+
+def test_dora_on_8bit_trains_with_gradient_checkpointing(tmp_path, tiny_llama, tiny_data):
+    """peft's 8-bit dequantization replaced the layer's weight with one that had lost its scales; with checkpointing
+    the layer's rerun forward then crashed in bitsandbytes (cpu_dora dequantizes from the scales in place)."""
+    recipe = cls_recipe(tmp_path / "q.yaml", tiny_llama, tiny_data, max_steps=2, use_dora=True, gradient_checkpointing=True,
+                        **MODES["8bit"])
+    run_dir = train_in_process(recipe, tmp_path / "run")
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 2

@@ -73,6 +73,7 @@ def load_models(specs: list[str]) -> dict[str, ServedModel]:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from .. import cpu_dora
     from ..config import load_run_recipe
     from ..inference import load_run
     from ..modeling import fix_pad_token, load_model
@@ -102,6 +103,7 @@ def load_models(specs: list[str]) -> dict[str, ServedModel]:
         else:
             groups[key].model.load_adapter(str(p), adapter_name=adapter)
         group = groups[key]
+        cpu_dora.install(group.model)  # DoRA adapters: the weight norm once per layer, not per request
         group.adapters.append(adapter)
         group.model.eval()
         gen = None
