@@ -31,9 +31,11 @@ ROWS = {
     "cls/lora_ft": "lora_ft: recipes/gpt2_sentiment.yaml (bf16 autocast, dynamic padding, length-grouped, all-linear DoRA, no dropout)",
     "cls/lora_ft-lora": "lora_ft, the same recipe with --use_dora false (plain LoRA: the recipe trades this speed for accuracy)",
     "cls/lora_ft-qlora": "lora_ft, 4-bit QLoRA (nf4), DoRA as the recipe",
+    "cls/lora_ft-qlora-ckpt": "lora_ft, 4-bit QLoRA + gradient_checkpointing: the memory-first setting (as the QLoRA paper runs it)",
     "sft/trl-defaults": "trl SFTTrainer defaults (SFTConfig: bf16, gradient checkpointing, no packing) + peft LoRA defaults",
     "sft/lora_ft": "lora_ft: recipes/smollm2_sft.yaml (bf16 autocast, no checkpointing, assistant-only labels, CPU LM head: labelled tokens only, bf16)",
     "sft/lora_ft-qlora": "lora_ft, 4-bit QLoRA (nf4)",
+    "sft/lora_ft-qlora-ckpt": "lora_ft, 4-bit QLoRA + gradient_checkpointing (recipes/qwen2.5_1.5b_qlora_sft.yaml's setting)",
 }
 
 
@@ -93,7 +95,7 @@ def run_row(name: str, steps: int, warmup: int) -> dict:
         from lora_ft.config import load_recipe
         from lora_ft.train import train
 
-        extra = ["--load_in_4bit", "true"] if name.endswith("qlora") else ["--use_dora", "false"] if name.endswith("-lora") else []
+        extra = _extra(name)
         r = load_recipe("recipes/gpt2_sentiment.yaml", ["--model_name_or_path", "builtin:smollm2-135m-instruct", "--dataset_name", str(TWEETS),
                                                         "--max_train_samples", "512", "--per_device_train_batch_size", "16", *common, *extra])
         import shutil
@@ -105,7 +107,7 @@ def run_row(name: str, steps: int, warmup: int) -> dict:
         from lora_ft.config import load_recipe
         from lora_ft.train import train
 
-        extra = ["--load_in_4bit", "true"] if name.endswith("qlora") else []
+        extra = _extra(name)
         r = load_recipe("recipes/smollm2_sft.yaml", ["--dataset_name", str(INSTR), "--max_train_samples", "256", *common, *extra])
         import shutil
 
@@ -120,6 +122,16 @@ def run_row(name: str, steps: int, warmup: int) -> dict:
         _trl_sft(timer, steps)
     return {"row": name, "what": ROWS[name], "batch": batch, **timer.result(batch), "peak_rss_growth_mb": round(_rss_mb() - rss0, 1),
             "peak_rss_mb": round(_rss_mb(), 1)}
+
+
+def _extra(name: str) -> list[str]:
+    """Recipe overrides of a lora_ft row, from its name."""
+    extra = ["--use_dora", "false"] if name.endswith("-lora") else []
+    if "-qlora" in name:
+        extra += ["--load_in_4bit", "true"]
+    if name.endswith("-ckpt"):
+        extra += ["--gradient_checkpointing", "true"]
+    return extra
 
 
 def _naive_cls(timer, steps: int) -> None:
@@ -216,10 +228,12 @@ def main() -> int:
         rows.append(row)
     by = {r["row"]: r for r in rows if "error" not in r}
     ratios = {}
-    for a, b in (("cls/lora_ft", "cls/naive"), ("cls/lora_ft-lora", "cls/naive"), ("cls/lora_ft-qlora", "cls/naive"), ("sft/lora_ft", "sft/trl-defaults"), ("sft/lora_ft-qlora", "sft/trl-defaults")):
+    for a, b in (("cls/lora_ft", "cls/naive"), ("cls/lora_ft-lora", "cls/naive"), ("cls/lora_ft-qlora", "cls/naive"), ("cls/lora_ft-qlora-ckpt", "cls/naive"),
+                 ("sft/lora_ft", "sft/trl-defaults"), ("sft/lora_ft-qlora", "sft/trl-defaults"), ("sft/lora_ft-qlora-ckpt", "sft/trl-defaults")):
         if a in by and b in by:
             ratios[f"{a} / {b} examples/s"] = round(by[a]["examples_per_s"] / by[b]["examples_per_s"], 2)
-    for a, b in (("cls/lora_ft-qlora", "cls/lora_ft"), ("sft/lora_ft-qlora", "sft/lora_ft")):
+    for a, b in (("cls/lora_ft-qlora", "cls/lora_ft"), ("cls/lora_ft-qlora-ckpt", "cls/lora_ft"), ("sft/lora_ft-qlora", "sft/lora_ft"),
+                 ("sft/lora_ft-qlora-ckpt", "sft/lora_ft")):
         if a in by and b in by:
             ratios[f"{a} / {b} peak RSS"] = round(by[a]["peak_rss_mb"] / by[b]["peak_rss_mb"], 2)
     out = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
