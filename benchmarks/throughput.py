@@ -40,17 +40,24 @@ ROWS = {
 
 
 def bf16_peak_tflops() -> dict:
+    """Matmul peak on the device the rows train on (CPU here; the GPU where CUDA is present)."""
     import torch
 
+    cuda = torch.cuda.is_available()
+    dev, size, n = ("cuda", 8192, 50) if cuda else ("cpu", 2048, 20)
     out = {}
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+        a, b = torch.randn(size, size, dtype=dt, device=dev), torch.randn(size, size, dtype=dt, device=dev)
         for _ in range(3):
             a @ b
-        n, t0 = 20, time.perf_counter()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         for _ in range(n):
             a @ b
-        out[name] = round(2 * 2048**3 * n / (time.perf_counter() - t0) / 1e12, 3)
+        if cuda:
+            torch.cuda.synchronize()
+        out[name] = round(2 * size**3 * n / (time.perf_counter() - t0) / 1e12, 3)
     return out
 
 
@@ -65,6 +72,10 @@ class Timer:
                 self.marks = []
 
             def on_step_end(self, args, state, control, **kw):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # kernels are queued asynchronously: time them done
                 self.marks.append(time.perf_counter())
 
             def result(self, batch):
@@ -120,8 +131,17 @@ def run_row(name: str, steps: int, warmup: int) -> dict:
     else:
         batch = 8
         _trl_sft(timer, steps)
-    return {"row": name, "what": ROWS[name], "batch": batch, **timer.result(batch), "peak_rss_growth_mb": round(_rss_mb() - rss0, 1),
-            "peak_rss_mb": round(_rss_mb(), 1)}
+    row = {"row": name, "what": ROWS[name], "batch": batch, **timer.result(batch), "peak_rss_growth_mb": round(_rss_mb() - rss0, 1),
+           "peak_rss_mb": round(_rss_mb(), 1)}
+    if torch.cuda.is_available():  # on a GPU the memory that matters is the device's
+        row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
+
+
+def _no_gpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()  # peers train on the same device as lora_ft's rows
 
 
 def _extra(name: str) -> list[str]:
@@ -151,7 +171,7 @@ def _naive_cls(timer, steps: int) -> None:
                 remove_columns=ds.column_names)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, pad_token_id=tok.pad_token_id)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32))
-    args = TrainingArguments(output_dir="/tmp/lora_ft_throughput/naive", per_device_train_batch_size=16, max_steps=steps, use_cpu=True,
+    args = TrainingArguments(output_dir="/tmp/lora_ft_throughput/naive", per_device_train_batch_size=16, max_steps=steps, use_cpu=_no_gpu(),
                              report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000)
     Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
 
@@ -171,7 +191,7 @@ def _trl_sft(timer, steps: int) -> None:
     ds = ds.map(lambda r: {"messages": [{"role": "user", "content": (r["instruction"] + "\n\n" + r["context"]).strip()},
                                         {"role": "assistant", "content": r["response"]}]}, remove_columns=ds.column_names)
     cfg = SFTConfig(output_dir="/tmp/lora_ft_throughput/trl", per_device_train_batch_size=8, max_length=512, max_steps=steps,
-                    use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000)
+                    use_cpu=_no_gpu(), report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000)
     model = AutoModelForCausalLM.from_pretrained(path)
     SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM"),
                callbacks=[timer]).train()
@@ -236,6 +256,8 @@ def main() -> int:
                  ("sft/lora_ft-qlora-ckpt", "sft/lora_ft")):
         if a in by and b in by:
             ratios[f"{a} / {b} peak RSS"] = round(by[a]["peak_rss_mb"] / by[b]["peak_rss_mb"], 2)
+            if "peak_gpu_mb" in by[a] and "peak_gpu_mb" in by[b]:
+                ratios[f"{a} / {b} peak GPU memory"] = round(by[a]["peak_gpu_mb"] / by[b]["peak_gpu_mb"], 2)
     out = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
            "nproc": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "matmul_peak_tflops": peak, "params": n_params,
            "mean_tokens_per_example": tokens, "steps": args.steps, "warmup": args.warmup, "rows": rows, "ratios": ratios}
@@ -244,8 +266,9 @@ def main() -> int:
     (res / "throughput.json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Training throughput, side by side ({out['device']}, {out['nproc']} cores, {out['date']})", "",
           f"bf16 matmul peak measured in this run: {peak['bf16']} TFLOP/s (fp32 {peak['fp32']}). {args.steps} steps per row, first {args.warmup} untimed.", "",
-          "| row | examples/s | tokens/s | MFU % | peak RSS MB |", "|---|---|---|---|---|"]
-    md += [f"| {r['row']} | {r.get('examples_per_s', '-')} | {r.get('tokens_per_s', '-')} | {r.get('mfu_pct_of_bf16_peak', '-')} | {r.get('peak_rss_mb', '-')} |" for r in rows]
+          "| row | examples/s | tokens/s | MFU % | peak RSS MB | peak GPU MB |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['row']} | {r.get('examples_per_s', '-')} | {r.get('tokens_per_s', '-')} | {r.get('mfu_pct_of_bf16_peak', '-')} | {r.get('peak_rss_mb', '-')} "
+           f"| {r.get('peak_gpu_mb', '-')} |" for r in rows]
     md += ["", "Ratios: " + "; ".join(f"{k} = {v}" for k, v in ratios.items()), "", "Rows:"] + [f"- `{k}`: {v}" for k, v in ROWS.items()]
     md += ["", "Command: `python benchmarks/throughput.py`"]
     (res / "throughput.md").write_text("\n".join(md) + "\n")
