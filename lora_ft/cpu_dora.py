@@ -15,35 +15,43 @@ Only DoraLinearLayer on CPU with no LoRA dropout takes this path; everything els
 
 from __future__ import annotations
 
-import types
-
 import torch
+from peft.tuners.lora.dora import DoraLinearLayer
+
+_SCRATCH: dict = {}  # 4-bit weights dequantized for the norm: one fp32 buffer per shape, used at once
+_OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process: fused kernels update weights without version bumps
+_STEP_HOOK: list = []
 
 
 def install(model) -> int:
     """Give every DoRA linear layer of `model` the CPU forward. Returns how many layers got it."""
-    from peft.tuners.lora.dora import DoraLinearLayer
+    if not _STEP_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
 
+        _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
     n = 0
     for m in model.modules():
         if type(m) is DoraLinearLayer:  # subclasses (embedding, conv) keep peft's forward
-            m.forward = types.MethodType(_forward, m)
+            m.__class__ = CpuDoraLinearLayer  # a class, not an instance method: the model still pickles
             n += 1
     return n
 
 
-def _forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
-    from peft.tuners.lora.dora import DoraLinearLayer
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
 
-    if base_result is None or x.device.type != "cpu":  # dropout on (peft recomputes the base) or not CPU
-        return DoraLinearLayer.forward(self, x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
-                                       base_result=base_result, adapter_name=adapter_name)
-    m = (self.weight / weight_row_norm(self, base_layer, lora_A.weight, lora_B.weight, scaling)).view(1, -1)
-    lora_result = lora_B(lora_A(x))
-    dt = base_result.dtype
-    if base_layer.bias is not None:
-        base_result = base_result - base_layer.bias.to(dt)
-    return torch.addcmul(base_result * (m - 1).to(dt), lora_result.to(dt), (m * scaling).to(dt))
+
+class CpuDoraLinearLayer(DoraLinearLayer):
+    def forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
+        if base_result is None or x.device.type != "cpu":  # dropout on (peft recomputes the base) or not CPU
+            return super().forward(x, lora_A=lora_A, lora_B=lora_B, scaling=scaling, base_layer=base_layer,
+                                   base_result=base_result, adapter_name=adapter_name)
+        m = (self.weight / weight_row_norm(self, base_layer, lora_A.weight, lora_B.weight, scaling)).view(1, -1)
+        lora_result = lora_B(lora_A(x))
+        dt = base_result.dtype
+        if base_layer.bias is not None:
+            base_result = base_result - base_layer.bias.to(dt)
+        return torch.addcmul(base_result * (m - 1).to(dt), lora_result.to(dt), (m * scaling).to(dt))
 
 
 @torch.no_grad()
@@ -51,8 +59,9 @@ def weight_row_norm(dora, base_layer, A: torch.Tensor, B: torch.Tensor, scaling:
     """Row norms of W + scaling * B @ A (fp32, detached) without forming the out x in matrix.
 
     In eval mode the norm is kept for the next forward (predict and serve compute it once per layer) while W, A and
-    B look unchanged: same tensors, in-place versions and sums (the fused AdamW kernel the Trainer uses updates
-    weights without bumping their versions). In train mode it is computed afresh and nothing is kept."""
+    B are unchanged: same tensors and in-place versions, and no optimizer step since (fused optimizer kernels, the
+    Trainer's AdamW among them, update weights without bumping versions). Writes through `.data` go unseen, as they
+    do by autograd. In train mode the norm is computed afresh and nothing is kept."""
     from peft.utils.other import transpose
 
     bw = base_layer.weight
@@ -61,9 +70,10 @@ def weight_row_norm(dora, base_layer, A: torch.Tensor, B: torch.Tensor, scaling:
     if dora.training:
         dora.__dict__.pop("_lora_ft_norm", None)
     else:
-        key = (w_key, A.data_ptr(), A._version, float(A.sum()), B.data_ptr(), B._version, float(B.sum()), scaling)
+        key = (w_key, A.data_ptr(), A._version, B.data_ptr(), B._version, scaling, _OPTIMIZER_STEPS[0])
         cached = dora.__dict__.get("_lora_ft_norm")
-        if cached is not None and cached[0] == key:
+        # a norm made under inference_mode cannot be saved for a backward pass: reused only in inference mode
+        if cached is not None and cached[0] == key and (torch.is_inference_mode_enabled() or not cached[1].is_inference()):
             return cached[1]
     with torch.autocast("cpu", enabled=False):
         w = transpose(_frozen_weight(base_layer), dora.fan_in_fan_out)  # (out, in)
@@ -89,6 +99,13 @@ def _frozen_weight(base_layer) -> torch.Tensor:
     from peft.utils.integrations import dequantize_module_weight
 
     weight = base_layer.weight
+    qs = getattr(weight, "quant_state", None)
+    if type(weight).__name__ == "Params4bit" and qs is not None and not getattr(qs, "packing_format_for_cpu", False):
+        # peft's path also replaces the weight (so no cache could key on it) and uses bitsandbytes' native CPU
+        # dequantization, which is wrong for rows that are not whole blocks
+        from .cpu_linear4bit import dequantize_into_scratch
+
+        return dequantize_into_scratch(weight, qs, torch.float32, _SCRATCH)
     if type(weight).__name__ == "Int8Params":
         import bitsandbytes as bnb
 
