@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from conftest import LABELS, cls_recipe, read_rows, train_in_process, write_csv
+from conftest import LABELS, SHARED_DATA, cls_recipe, read_rows, train_in_process, write_csv
 from lora_ft.cli import main
 from lora_ft.config import resolve
 from lora_ft.errors import RecipeError
@@ -46,6 +46,7 @@ def test_inspect_counts(known, tiny_gpt2, tmp_path, capsys):
     assert "max_length" not in capsys.readouterr().out  # no tokenizer, no token figures
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "tweet_sentiment").is_dir(), reason="shared data not mounted")
 def test_inspect_real_tweets(capsys):
     from conftest import REPO
 
