@@ -37,6 +37,11 @@ ROWS = {
     "sft/lora_ft-qlora": "lora_ft, 4-bit QLoRA (nf4)",
     "sft/lora_ft-qlora-ckpt": "lora_ft, 4-bit QLoRA + gradient_checkpointing (recipes/qwen2.5_1.5b_qlora_sft.yaml's setting)",
 }
+# lora_ft rows per workload: (recipe, overrides, batch). Peers use the same data and batch; mean_tokens tokenizes it.
+WORKLOADS = {"cls": ("recipes/gpt2_sentiment.yaml", ["--model_name_or_path", "builtin:smollm2-135m-instruct", "--dataset_name", str(TWEETS),
+                                                     "--max_train_samples", "512", "--per_device_train_batch_size", "16"], 16),
+             "sft": ("recipes/smollm2_sft.yaml", ["--dataset_name", str(INSTR), "--max_train_samples", "256"], 8)}
+PEERS = {"cls": "cls/naive", "sft": "sft/trl-defaults"}
 
 
 def bf16_peak_tflops() -> dict:
@@ -102,34 +107,21 @@ def run_row(name: str, steps: int, warmup: int) -> dict:
     timer = Timer(warmup)
     common = ["--max_steps", str(steps), "--eval_split", "none", "--save_strategy", "no", "--report_to", "none",
               "--disable_tqdm", "true", "--logging_steps", "1000", "--output_dir", f"/tmp/lora_ft_throughput/{name.replace('/', '_')}"]
-    if name.startswith("cls/lora_ft"):
+    kind = name.split("/")[0]
+    batch = WORKLOADS[kind][2]
+    if "/lora_ft" in name:
+        import shutil
+
         from lora_ft.config import load_recipe
         from lora_ft.train import train
 
-        extra = _extra(name)
-        r = load_recipe("recipes/gpt2_sentiment.yaml", ["--model_name_or_path", "builtin:smollm2-135m-instruct", "--dataset_name", str(TWEETS),
-                                                        "--max_train_samples", "512", "--per_device_train_batch_size", "16", *common, *extra])
-        import shutil
-
+        path, overrides, _ = WORKLOADS[kind]
+        r = load_recipe(path, [*overrides, *common, *_extra(name)])
         shutil.rmtree(r.trainer["output_dir"], ignore_errors=True)
         train(r, callbacks=[timer])
-        batch = 16
-    elif name.startswith("sft/lora_ft"):
-        from lora_ft.config import load_recipe
-        from lora_ft.train import train
-
-        extra = _extra(name)
-        r = load_recipe("recipes/smollm2_sft.yaml", ["--dataset_name", str(INSTR), "--max_train_samples", "256", *common, *extra])
-        import shutil
-
-        shutil.rmtree(r.trainer["output_dir"], ignore_errors=True)
-        train(r, callbacks=[timer])
-        batch = 8
     elif name == "cls/naive":
-        batch = 16
         _naive_cls(timer, steps)
     else:
-        batch = 8
         _trl_sft(timer, steps)
     row = {"row": name, "what": ROWS[name], "batch": batch, **timer.result(batch), "peak_rss_growth_mb": round(_rss_mb() - rss0, 1),
            "peak_rss_mb": round(_rss_mb(), 1)}
@@ -204,10 +196,8 @@ def mean_tokens() -> dict:
     from lora_ft.tasks import get_task
 
     out = {}
-    for key, path, args in (("cls", "recipes/gpt2_sentiment.yaml", ["--model_name_or_path", "builtin:smollm2-135m-instruct", "--dataset_name",
-                                                                    str(TWEETS), "--max_train_samples", "512", "--eval_split", "none"]),
-                            ("sft", "recipes/smollm2_sft.yaml", ["--dataset_name", str(INSTR), "--max_train_samples", "256", "--eval_split", "none"])):
-        r = load_recipe(path, args)
+    for key, (path, overrides, _) in WORKLOADS.items():
+        r = load_recipe(path, [*overrides, "--eval_split", "none"])
         data = get_task(r.args.task).prepare_data(r, load_tokenizer(r.args))
         out[key] = round(data.train_tokens / len(data.train), 2)
     return out
@@ -248,12 +238,12 @@ def main() -> int:
         rows.append(row)
     by = {r["row"]: r for r in rows if "error" not in r}
     ratios = {}
-    for a, b in (("cls/lora_ft", "cls/naive"), ("cls/lora_ft-lora", "cls/naive"), ("cls/lora_ft-qlora", "cls/naive"), ("cls/lora_ft-qlora-ckpt", "cls/naive"),
-                 ("sft/lora_ft", "sft/trl-defaults"), ("sft/lora_ft-qlora", "sft/trl-defaults"), ("sft/lora_ft-qlora-ckpt", "sft/trl-defaults")):
+    speed_pairs = [(a, PEERS[a.split("/")[0]]) for a in ROWS if "/lora_ft" in a]  # every lora_ft row vs its peer
+    memory_pairs = [(a, a.split("/")[0] + "/lora_ft") for a in ROWS if "-qlora" in a]  # every 4-bit row vs bf16 LoRA
+    for a, b in speed_pairs:
         if a in by and b in by:
             ratios[f"{a} / {b} examples/s"] = round(by[a]["examples_per_s"] / by[b]["examples_per_s"], 2)
-    for a, b in (("cls/lora_ft-qlora", "cls/lora_ft"), ("cls/lora_ft-qlora-ckpt", "cls/lora_ft"), ("sft/lora_ft-qlora", "sft/lora_ft"),
-                 ("sft/lora_ft-qlora-ckpt", "sft/lora_ft")):
+    for a, b in memory_pairs:
         if a in by and b in by:
             ratios[f"{a} / {b} peak RSS"] = round(by[a]["peak_rss_mb"] / by[b]["peak_rss_mb"], 2)
             if "peak_gpu_mb" in by[a] and "peak_gpu_mb" in by[b]:

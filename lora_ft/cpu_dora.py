@@ -92,11 +92,11 @@ def weight_row_norm(dora, base_layer, A: torch.Tensor, B: torch.Tensor, scaling:
 
 
 def _frozen_weight(base_layer) -> torch.Tensor:
-    """The base layer's weight in floating point. An 8-bit weight is dequantized from its scales without peft's
-    `module.weight = module.weight.to(device)`: that new Int8Params carries the int8 data but no scales, and the
-    layer's next forward copies the missing scales into its matmul state (bitsandbytes 0.50:
-    "'NoneType' object has no attribute 'unsqueeze'" on CPU)."""
-    from peft.utils.integrations import dequantize_module_weight
+    """The base layer's weight in floating point. An 8-bit weight is dequantized from the layer's scales by peft's
+    own helper, without the `module.weight = module.weight.to(device)` that peft's wrapper adds on CPU: that new
+    Int8Params carries the int8 data but no scales, and the layer's next forward copies the missing scales into its
+    matmul state (bitsandbytes 0.50: "'NoneType' object has no attribute 'unsqueeze'")."""
+    from peft.utils.integrations import dequantize_bnb_weight, dequantize_module_weight
 
     weight = base_layer.weight
     qs = getattr(weight, "quant_state", None)
@@ -107,8 +107,5 @@ def _frozen_weight(base_layer) -> torch.Tensor:
 
         return dequantize_into_scratch(weight, qs, torch.float32, _SCRATCH)
     if type(weight).__name__ == "Int8Params":
-        import bitsandbytes as bnb
-
-        scales = weight.SCB if weight.SCB is not None else base_layer.state.SCB
-        return bnb.functional.int8_vectorwise_dequant(weight.data, scales)
+        return dequantize_bnb_weight(weight, state=base_layer.state)
     return dequantize_module_weight(base_layer)

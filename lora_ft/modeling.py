@@ -202,13 +202,14 @@ def attach_peft(model, args, task_type: str, modules_to_save: list[str], gradien
             model = get_peft_model(model, lora_config(args, task_type, modules_to_save))
         except ValueError as e:  # peft's "Target modules {...} not found in the base model"
             raise LoraFtError(f"lora_target_modules: {_first_line(e)}; use module names of this model or all-linear") from None
-    if args.use_dora and not sharded_engine():
+    sharded = sharded_engine()
+    if args.use_dora and not sharded:
         from . import cpu_dora  # imports torch: not at module level
 
         cpu_dora.install(model)  # peft's DoRA forms a dense W + sBA per layer per step: closed form on CPU
     # Without autocast a bf16 head copy must stay bf16: nothing would cast its bf16 input. Sharded (FSDP, ZeRO-3)
     # parameters are flat shards that must keep one dtype.
-    if mixed_precision and not sharded_engine():
+    if mixed_precision and not sharded:
         train_in_fp32(model)
     return model
 
