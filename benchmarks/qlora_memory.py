@@ -3,7 +3,7 @@
     python benchmarks/qlora_memory.py     # ~10 min on 2 CPU cores, ~8 GB free disk; writes benchmarks/results/qlora_memory.{json,md}
 
 At 135M parameters (the builtin SmolLM2) the weights are ~0.3 GB of a ~3-5 GB CPU training peak (imports, allocator,
-activations), so 4-bit cannot halve the peak there (benchmarks/results/throughput.md). This benchmark measures the
+activations), so 4-bit cannot halve the peak there (benchmarks/results/throughput_amx.md). This benchmark measures the
 same `lora-ft train recipes/smollm2_sft.yaml` with SmolLM2-shaped Llama models of 135M and 1.7B parameters. The
 1.7B one has random weights (no 1.7B model is available offline): memory does not depend on the values, and the loss
 is not looked at. Every run: 3 optimizer steps, batch 2 x 256 tokens, no eval; peak = max RSS of the process, model

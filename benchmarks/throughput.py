@@ -44,6 +44,25 @@ WORKLOADS = {"cls": ("recipes/gpt2_sentiment.yaml", ["--model_name_or_path", "bu
 PEERS = {"cls": "cls/naive", "sft": "sft/trl-defaults"}
 
 
+# What makes an AMX machine train as an AVX2-only one: lora_ft's decisions, torch's kernels, oneDNN's matmuls.
+EMULATE = {"avx2": {"LORA_FT_CPU_CAPABILITY": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def cpu_record(as_cpu) -> dict:
+    from lora_ft import hardware
+
+    import torch
+
+    return {"model": hardware.cpu_info()["model"], "capability": hardware.cpu_capability(),
+            "detected_capability": hardware.detected_capability(), "emulated": bool(as_cpu),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": sorted(f for f in hardware.cpu_info()["flags"] if f.startswith(("amx", "avx512_bf16", "avx2")))}
+
+
+def _peak_key(precision: str) -> str:
+    return "fp32" if precision == "fp32" else "bf16"
+
+
 def bf16_peak_tflops() -> dict:
     """Matmul peak on the device the rows train on (CPU here; the GPU where CUDA is present)."""
     import torch
@@ -79,6 +98,8 @@ class Timer:
             def on_step_end(self, args, state, control, **kw):
                 import torch
 
+                self.precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()  # kernels are queued asynchronously: time them done
                 self.marks.append(time.perf_counter())
@@ -87,7 +108,8 @@ class Timer:
                 timed = self.marks[warmup:]
                 span = timed[-1] - self.marks[warmup - 1] if warmup else timed[-1] - timed[0]
                 steps = len(timed) if warmup else len(timed) - 1
-                return {"timed_steps": steps, "seconds": round(span, 2), "examples_per_s": round(steps * batch / span, 3)}
+                return {"timed_steps": steps, "seconds": round(span, 2), "examples_per_s": round(steps * batch / span, 3),
+                        "precision": self.precision}
 
         return _T()
 
@@ -207,9 +229,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--as-cpu", choices=["avx2"], help="time this machine as an AVX2-only CPU: lora_ft, torch and oneDNN "
+                   "all limited to AVX2 (an estimate of such a CPU, recorded as emulated)")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args()
     os.chdir(ROOT)
+    if args.as_cpu:  # set before torch loads, here and in every row's process
+        os.environ.update(EMULATE[args.as_cpu])
     if args.row:
         print("ROW " + json.dumps(run_row(args.row, args.steps, args.warmup)), flush=True)
         return 0
@@ -233,7 +259,8 @@ def main() -> int:
             continue
         row = json.loads(line[4:])
         row["tokens_per_s"] = round(row["examples_per_s"] * tokens[name.split("/")[0]], 1)
-        row["mfu_pct_of_bf16_peak"] = round(100 * 6 * n_params * row["tokens_per_s"] / (peak["bf16"] * 1e12), 2)
+        # MFU against the peak of the precision the row trained in (fp32 rows on an AVX2 CPU, bf16 under autocast)
+        row["mfu_pct"] = round(100 * 6 * n_params * row["tokens_per_s"] / (peak[_peak_key(row["precision"])] * 1e12), 2)
         print(json.dumps(row), flush=True)
         rows.append(row)
     by = {r["row"]: r for r in rows if "error" not in r}
@@ -248,20 +275,25 @@ def main() -> int:
             ratios[f"{a} / {b} peak RSS"] = round(by[a]["peak_rss_mb"] / by[b]["peak_rss_mb"], 2)
             if "peak_gpu_mb" in by[a] and "peak_gpu_mb" in by[b]:
                 ratios[f"{a} / {b} peak GPU memory"] = round(by[a]["peak_gpu_mb"] / by[b]["peak_gpu_mb"], 2)
+    cpu = cpu_record(args.as_cpu)
     out = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-           "nproc": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "matmul_peak_tflops": peak, "params": n_params,
+           "cpu": cpu, "nproc": os.cpu_count(), "loadavg_at_end": os.getloadavg(), "matmul_peak_tflops": peak, "params": n_params,
            "mean_tokens_per_example": tokens, "steps": args.steps, "warmup": args.warmup, "rows": rows, "ratios": ratios}
     res = ROOT / "benchmarks/results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / "throughput.json").write_text(json.dumps(out, indent=2) + "\n")
-    md = [f"# Training throughput, side by side ({out['device']}, {out['nproc']} cores, {out['date']})", "",
-          f"bf16 matmul peak measured in this run: {peak['bf16']} TFLOP/s (fp32 {peak['fp32']}). {args.steps} steps per row, first {args.warmup} untimed.", "",
-          "| row | examples/s | tokens/s | MFU % | peak RSS MB | peak GPU MB |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['row']} | {r.get('examples_per_s', '-')} | {r.get('tokens_per_s', '-')} | {r.get('mfu_pct_of_bf16_peak', '-')} | {r.get('peak_rss_mb', '-')} "
-           f"| {r.get('peak_gpu_mb', '-')} |" for r in rows]
+    stem = "throughput_" + ("cuda" if torch.cuda.is_available() else cpu["capability"] + ("_emulated" if cpu["emulated"] else ""))
+    (res / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
+    where = out["device"] if torch.cuda.is_available() else f"{cpu['model']}, {cpu['capability']}" + (
+        f" (emulated on a {cpu['detected_capability']} CPU: torch and oneDNN limited to AVX2 kernels)" if cpu["emulated"] else "")
+    md = [f"# Training throughput, side by side ({where}, {out['nproc']} cores, {out['date']})", "",
+          f"Matmul peaks measured in this run: bf16 {peak['bf16']} TFLOP/s, fp32 {peak['fp32']}. {args.steps} steps per row, first {args.warmup} untimed. "
+          "MFU is against the peak of the precision the row trained in.", "",
+          "| row | precision | examples/s | tokens/s | MFU % | peak RSS MB | peak GPU MB |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['row']} | {r.get('precision', '-')} | {r.get('examples_per_s', '-')} | {r.get('tokens_per_s', '-')} | {r.get('mfu_pct', '-')} "
+           f"| {r.get('peak_rss_mb', '-')} | {r.get('peak_gpu_mb', '-')} |" for r in rows]
     md += ["", "Ratios: " + "; ".join(f"{k} = {v}" for k, v in ratios.items()), "", "Rows:"] + [f"- `{k}`: {v}" for k, v in ROWS.items()]
-    md += ["", "Command: `python benchmarks/throughput.py`"]
-    (res / "throughput.md").write_text("\n".join(md) + "\n")
+    md += ["", "Command: `python benchmarks/throughput.py" + " ".join(f" {a}" for a in sys.argv[1:]) + "`"]
+    (res / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
-from .commands import compare, compress, data, doctor, export, generate, merge, models, plan, predict, push, search, serve, train
+from .commands import compare, compress, data, doctor, env, export, generate, merge, models, plan, predict, push, search, serve, train
 from .commands import eval as eval_cmd
 
-COMMANDS = {"train": train, "doctor": doctor, "plan": plan, "search": search, "compare": compare, "eval": eval_cmd, "predict": predict, "generate": generate, "merge": merge, "compress": compress, "export": export, "push": push, "serve": serve, "models": models, "data": data}
+COMMANDS = {"train": train, "doctor": doctor, "plan": plan, "search": search, "compare": compare, "eval": eval_cmd, "predict": predict, "generate": generate, "merge": merge, "compress": compress, "export": export, "push": push, "serve": serve, "models": models, "data": data, "env": env}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -49,7 +49,8 @@ def run_command(args, rest: list[str]) -> int:
 
 
 def _quiet_libraries() -> None:
-    """Library chatter that is harmless and would bury our own messages."""
+    """Library chatter that is harmless and would bury our own messages. Set before transformers and datasets are
+    imported where it can be (their environment switches), so a recipe mistake is reported before either loads."""
     import logging
     import warnings
 
@@ -57,15 +58,22 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt: inputs will be cast.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    try:  # load reports list the freshly initialised head, which lora_ft reports itself in one line
-        import datasets
+    # Environment switches, read when transformers and datasets are imported: a recipe mistake is then reported
+    # before either loads. Verbosity: load reports list the freshly initialised head, which lora_ft reports itself in
+    # one line. Bars: "Loading weights" and dataset maps (transformers' own disable_progress_bar turns off every Hub
+    # bar too); training keeps its own tqdm. A user's own setting of any of them wins.
+    quiet = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    for name, value in quiet.items():
+        os.environ.setdefault(name, value)
+    if "transformers" in sys.modules:  # imported before us (a notebook, a test): too late for its environment
         import transformers
 
         transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars; training keeps its own tqdm
+        transformers.utils.logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
         datasets.disable_progress_bars()
-    except ImportError:
-        pass
 
 
 if __name__ == "__main__":

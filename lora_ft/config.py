@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import RecipeError
+from .recipe_checks import ineffective_keys, settle_strategies, value_problems
 
 TASKS = ("sequence-classification", "causal-lm", "seq2seq")
 RECIPE_FILE = "lora_ft_recipe.yaml"
@@ -120,19 +120,15 @@ OUR_FIELDS = {f.name: f for f in dataclasses.fields(LoraFtArguments)}
 OUR_TYPES = typing.get_type_hints(LoraFtArguments)
 
 
+# The trainer-arguments class (lora_ft.trainer_keys.CLASSES) whose fields a recipe for each task may also set.
+TRAINER_KIND = {"sequence-classification": "training", "causal-lm": "sft", "seq2seq": "seq2seq"}
+
+
 def trainer_args_class(task: str):
-    """The trainer-arguments class whose fields a recipe for `task` may also set."""
-    if task == "causal-lm":
-        from trl import SFTConfig
+    """The trainer-arguments class whose fields a recipe for `task` may also set (imports transformers)."""
+    from .trainer_keys import import_class
 
-        return SFTConfig
-    if task == "seq2seq":
-        from transformers import Seq2SeqTrainingArguments
-
-        return Seq2SeqTrainingArguments
-    from transformers import TrainingArguments
-
-    return TrainingArguments
+    return import_class(TRAINER_KIND[task])
 
 
 # Keys that exist in the trainer class too but lora_ft owns: ours wins, and we pass it on where it applies.
@@ -146,6 +142,7 @@ class Recipe:
     args: LoraFtArguments
     trainer: dict[str, Any]
     source: Optional[str] = None
+    notes: list = field(default_factory=list)  # warnings: keys the rest of the recipe makes inert (recipe_checks)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self.args)
@@ -153,7 +150,7 @@ class Recipe:
         return out
 
     def __getattr__(self, name):  # recipe.learning_rate etc. read from whichever half holds it
-        if name in ("args", "trainer", "source"):
+        if name in ("args", "trainer", "source", "notes"):
             raise AttributeError(name)
         if name in OUR_FIELDS:
             return getattr(self.args, name)
@@ -257,9 +254,6 @@ def resolve(raw: dict[str, Any], source: Optional[str] = None, *, check_trainer:
             hint = f"; did you mean '{close[0]}'?" if close else "; see `lora-ft train --help-keys`"
             problems.append(f"{key}: unknown recipe key{hint}")
     args = LoraFtArguments(**ours)
-    problems += _check_values(args, theirs)
-    if problems:
-        raise RecipeError(problems)
     trainer = {**{k: v for k, v in TRAINER_DEFAULTS.items() if k in trainer_fields or not check_trainer}, **theirs}
     if "output_dir" not in trainer:
         stem = Path(source).stem if source else "run"
@@ -270,78 +264,18 @@ def resolve(raw: dict[str, Any], source: Optional[str] = None, *, check_trainer:
             trainer["eval_strategy"] = "no"
         if "save_strategy" not in theirs and "load_best_model_at_end" not in theirs:
             trainer.setdefault("save_strategy", "epoch")
-    return Recipe(args=args, trainer=trainer, source=source)
-
-
-def _check_values(args: LoraFtArguments, trainer: dict[str, Any]) -> list[str]:
-    """Combinations that fail later, caught before any weights load."""
-    p = []
-    if not args.model_name_or_path:
-        p.append("model_name_or_path: required; a Hub id, a local folder or builtin:NAME")
-    if not args.dataset_name and not args.dataset_mixture:
-        p.append("dataset_name: required; a Hub dataset id or a local file/folder (or a dataset_mixture)")
-    if args.load_in_4bit and args.load_in_8bit:
-        p.append("load_in_4bit, load_in_8bit: choose one")
-    if (args.load_in_4bit or args.load_in_8bit) and not args.use_peft:
-        p.append("use_peft: false with a quantized base cannot train; set use_peft: true or drop load_in_4bit/8bit")
-    if args.bnb_4bit_quant_type not in ("nf4", "fp4"):
-        p.append(f"bnb_4bit_quant_type: '{args.bnb_4bit_quant_type}' is not nf4 or fp4")
-    for key in ("dtype", "bnb_4bit_compute_dtype"):
-        if getattr(args, key) not in ("float32", "bfloat16", "float16", "auto"):
-            p.append(f"{key}: '{getattr(args, key)}' is not one of float32, bfloat16, float16, auto")
-    for key in ("lora_r", "lora_alpha", "max_length", "max_target_length"):
-        if getattr(args, key) <= 0:
-            p.append(f"{key}: must be positive, got {getattr(args, key)}")
-    for key in ("max_train_samples", "max_eval_samples"):
-        if getattr(args, key) is not None and getattr(args, key) <= 0:
-            p.append(f"{key}: must be positive, got {getattr(args, key)}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        p.append(f"lora_dropout: must be in [0, 1), got {args.lora_dropout}")
-    if not 0.0 < args.eval_size < 1.0:
-        p.append(f"eval_size: must be in (0, 1), got {args.eval_size}")
-    if args.labels is not None and len(set(map(str, args.labels))) != len(args.labels):
-        p.append("labels: contains duplicates; list each label once")
-    if args.labels is not None and len(args.labels) < 2:
-        p.append("labels: a classifier needs at least 2 labels")
-    if args.task == "sequence-classification" and args.source_template:
-        fields = [f for _, f, _, _ in string.Formatter().parse(args.source_template) if f]
-        if fields != [args.text_column]:
-            p.append(f"source_template: a classification template holds {{{args.text_column}}} (the text_column) exactly once, got {fields or 'no field'}")
-    cls_only = [k for k in ("clean_lowercase", "clean_urls", "clean_mentions", "clean_whitespace", "drop_duplicates",
-                            "drop_eval_leaks") if getattr(args, k)] + (["augment"] if args.augment else [])
-    if cls_only and args.task != "sequence-classification":
-        p.append(f"{', '.join(cls_only)}: apply to task: sequence-classification only")
-    if args.augment:
-        from .textprep import parse_augment
-
-        try:
-            parse_augment(args.augment)
-        except RecipeError as e:
-            p += e.problems
-    if args.augment_copies < 1:
-        p.append(f"augment_copies: must be at least 1, got {args.augment_copies}")
-    if args.dataset_mixture is not None:
-        from .data import mixture_problems
-
-        p += mixture_problems(args.dataset_mixture)
-    if args.head_init not in ("random", "label_words"):
-        p.append(f"head_init: '{args.head_init}' is not one of random, label_words")
-    elif args.head_init == "label_words" and args.task != "sequence-classification":
-        p.append("head_init: label_words applies to task: sequence-classification only")
-    if args.task == "seq2seq" and trainer.get("fp16"):
-        p.append("fp16: T5-family models overflow to NaN in fp16; use bf16: true or fp32")
-    if trainer.get("bf16") and trainer.get("fp16"):
-        p.append("bf16, fp16: choose one")
-    lr = trainer.get("learning_rate")
-    if lr is not None and not lr > 0:
-        p.append(f"learning_rate: must be positive, got {lr}")
-    return p
+    notes = settle_strategies(theirs, trainer, args)
+    problems += value_problems(args, trainer)
+    if problems:
+        raise RecipeError(problems)
+    notes += ineffective_keys(args, trainer, {k: f.default for k, f in OUR_FIELDS.items()})
+    return Recipe(args=args, trainer=trainer, source=source, notes=notes)
 
 
 def _trainer_fields(task: str) -> dict[str, Any]:
-    cls = trainer_args_class(task)
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init and f.name not in SHARED_KEYS}
+    from .trainer_keys import trainer_fields  # a snapshot: no transformers import, so mistakes are reported in ~1 s
+
+    return {k: tp for k, tp in trainer_fields(TRAINER_KIND[task]).items() if k not in SHARED_KEYS}
 
 
 # ---------------------------------------------------------------- types

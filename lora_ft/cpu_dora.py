@@ -16,15 +16,45 @@ Only DoraLinearLayer on CPU with no LoRA dropout takes this path; everything els
 from __future__ import annotations
 
 import torch
-from peft.tuners.lora.dora import DoraLinearLayer
+
+from . import upstream
+
+try:
+    from peft.tuners.lora.dora import DoraLinearLayer
+except ImportError:  # moved in another peft: the guard below keeps this patch off, and no layer is of this class
+    class DoraLinearLayer(torch.nn.Module):
+        pass
 
 _SCRATCH: dict = {}  # 4-bit weights dequantized for the norm: one fp32 buffer per shape, used at once
 _OPTIMIZER_STEPS = [0]  # optimizer steps taken in this process: fused kernels update weights without version bumps
 _STEP_HOOK: list = []
 
 
+def _relies_on():
+    """peft's DoRA layer (its forward's keywords, the attributes read here) and the helpers this file calls."""
+    from peft.tuners.lora.dora import DoraLinearLayer as peft_layer
+    from peft.utils import integrations, other
+    from torch.optim import optimizer
+
+    return upstream.first_problem(
+        upstream.expect_params(peft_layer.forward, "self", "x", "lora_A", "lora_B", "scaling", "base_layer", "base_result",
+                               "adapter_name"),
+        None if "fan_in_fan_out" in upstream.inspect.getsource(peft_layer.__init__) else "DoraLinearLayer has no fan_in_fan_out",
+        upstream.expect_attrs(other, "transpose"),
+        upstream.expect_attrs(integrations, "dequantize_bnb_weight", "dequantize_module_weight"),
+        upstream.expect_params(integrations.dequantize_bnb_weight, "weight", "state"),
+        upstream.expect_attrs(optimizer, "register_optimizer_step_post_hook"),
+    )
+
+
+upstream.register(upstream.Patch("cpu_dora", "peft", "closed-form DoRA weight norm on CPU", _relies_on))
+
+
 def install(model) -> int:
-    """Give every DoRA linear layer of `model` the CPU forward. Returns how many layers got it."""
+    """Give every DoRA linear layer of `model` the CPU forward. Returns how many layers got it (0 where the installed
+    peft is not the one this was written against: peft's own DoRA forward then runs)."""
+    if not any(type(m) is DoraLinearLayer for m in model.modules()) or not upstream.usable("cpu_dora"):
+        return 0
     if not _STEP_HOOK:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 

@@ -14,17 +14,45 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
 import types
 
 import torch
 
+from . import upstream
+
 _DTYPE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def _relies_on():
+    """The bitsandbytes internals this forward calls (private: they may move between releases)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+    from bitsandbytes.cextension import ErrorHandlerMockBNBNativeLibrary, lib  # noqa: F401
+    from bitsandbytes.functional import QuantState
+
+    return upstream.first_problem(
+        upstream.expect_attrs(bnb.nn.Linear4bit, "set_compute_type"),
+        None if "compute_type_is_set" in inspect.getsource(bnb.nn.Linear4bit.__init__) else "Linear4bit sets no compute_type_is_set",
+        upstream.expect_attrs(torch.ops.bitsandbytes, "dequantize_blockwise"),
+        upstream.expect_params(_dequantize_4bit_compute, "A_flat", "absmax", "code", "blocksize", "shape", "dtype"),
+        upstream.expect_params(_get_4bit_code, "quant_type", "device"),
+        None if {"absmax", "shape", "blocksize", "quant_type", "offset", "state2"} <= set(inspect.signature(QuantState).parameters)
+        else "QuantState's fields changed",
+    )
+
+
+upstream.register(upstream.Patch("cpu_linear4bit", "bitsandbytes", "4-bit CPU training forward", _relies_on))
+
+
 def install(model) -> int:
-    """Give every bitsandbytes Linear4bit of `model` the CPU training forward. Returns how many layers got it."""
+    """Give every bitsandbytes Linear4bit of `model` the CPU training forward. Returns how many layers got it (0 where
+    the installed bitsandbytes is not the one this was written against: its own forward then runs)."""
     import bitsandbytes as bnb
 
+    if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) or not upstream.usable("cpu_linear4bit"):
+        return 0
     scratch: dict = {}  # (out_features, in_features, dtype) -> buffer; one per model, shared by its layers
     n = 0
     for m in model.modules():

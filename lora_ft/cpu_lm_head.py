@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import types
 
+from . import upstream
+
 TOKEN_CHUNK = 1024  # tokens per [chunk, vocab] logits tile: 1024 x 49k fp32 is ~200 MB
 
 
@@ -93,10 +95,26 @@ def covers(model) -> bool:
                                                    "lm_head_multiplier", "logits_scaling", "output_router_logits"))
 
 
+def _relies_on():
+    """trl's fused LM-head output (the fields its loss and metrics read) and the forward keywords trl passes."""
+    import dataclasses
+
+    from trl.trainer import utils
+
+    fields = {f.name for f in dataclasses.fields(utils.FusedCausalLMOutput)}
+    need = {"loss", "log_probs", "entropy", "is_top1", "label_mask"}
+    return None if need <= fields else f"trl's FusedCausalLMOutput has no {', '.join(sorted(need - fields))}"
+
+
+upstream.register(upstream.Patch("cpu_lm_head", "trl", "labelled-positions-only LM-head loss on CPU", _relies_on))
+
+
 def install(model) -> bool:
     """Wrap `model.forward` (already patched by trl's add_fused_lm_head) so CPU fused calls take the path above."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not covers(base) or "forward" not in vars(base):  # trl sets the fused forward on the instance
+        return False
+    if not upstream.usable("cpu_lm_head"):
         return False
     trl_forward = base.forward
 

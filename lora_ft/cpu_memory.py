@@ -25,6 +25,8 @@ import os
 import sys
 from typing import NamedTuple
 
+from . import upstream
+
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _MADV_PAGEOUT = 21  # Linux 5.4+ madvise advice: reclaim these pages now (never changes their contents)
 _LOAD_THRESHOLD = 1 << 20  # during the load: tensors of 1 MiB and up get their own mapping, returned on free
@@ -64,11 +66,24 @@ def lean_quantized_load(active: bool):
             libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_THRESHOLD)
 
 
+def _relies_on():
+    import bitsandbytes as bnb
+
+    missing = [c.__name__ for c in (bnb.nn.Params4bit, bnb.nn.Int8Params) if "_quantize" not in c.__dict__]
+    return f"bitsandbytes' {', '.join(missing)} quantize elsewhere" if missing else None
+
+
+upstream.register(upstream.Patch("cpu_memory", "bitsandbytes", "checkpoint pages reclaimed as a quantized CPU load goes",
+                                 _relies_on))
+
+
 def _after_each_quantization(hook) -> list:
     """Run `hook` after bitsandbytes quantizes each weight (4- and 8-bit). Returns what to restore."""
     try:
         import bitsandbytes as bnb
     except ImportError:
+        return []
+    if not upstream.usable("cpu_memory"):  # no hook: only the usual (higher) load peak
         return []
     restore = []
     for cls in (bnb.nn.Params4bit, bnb.nn.Int8Params):

@@ -47,16 +47,16 @@ def static_checks(recipe) -> tuple[list[Check], dict]:
     from .modeling import HEAD_NAMES, check_weights_safe, resolve_model_path
 
     a = recipe.args
-    out: list[Check] = []
+    out: list[Check] = [Check("recipe", WARN, note) for note in recipe.notes]  # inert keys: said, never dropped silently
     path = resolve_model_path(a.model_name_or_path)
     try:
         check_weights_safe(path, a.allow_pickle)
         config = AutoConfig.from_pretrained(path, trust_remote_code=a.trust_remote_code)
         raw_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=a.trust_remote_code)
     except LoraFtError as e:
-        return [Check("model", FAIL, str(e))], {}
+        return out + [Check("model", FAIL, str(e))], {}
     except (OSError, ValueError) as e:
-        return [Check("model", FAIL, f"model_name_or_path: cannot read '{a.model_name_or_path}' ({str(e).splitlines()[0][:160]}); "
+        return out + [Check("model", FAIL, f"model_name_or_path: cannot read '{a.model_name_or_path}' ({str(e).splitlines()[0][:160]}); "
                                      "check the path or Hub id")], {}
     out.append(Check("model", PASS, f"{a.model_name_or_path}: {config.model_type}, config and tokenizer read, no weights loaded"))
     if a.trust_remote_code:

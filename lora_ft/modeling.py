@@ -5,11 +5,12 @@ Factories return library objects (BitsAndBytesConfig, LoraConfig) or None, as tr
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Optional
 
-from . import cpu_memory
+from . import cpu_memory, upstream
 from .builtin_models import resolve_model_path
 from .errors import LoraFtError
 
@@ -143,9 +144,24 @@ def keep_standard_4bit_layout(model) -> None:
         import bitsandbytes as bnb
     except ImportError:
         return
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if layers:
+        upstream.usable("keep_4bit_layout")  # nothing to fall back to: a changed bitsandbytes gets a warning
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+
+
+def _layout_switch_present():
+    """bitsandbytes decides to repack from this attribute in Linear4bit.forward; renamed, setting it does nothing."""
+    import bitsandbytes as bnb
+
+    src = inspect.getsource(bnb.nn.Linear4bit.forward)
+    return None if "support_avx512bf16_for_cpu" in src else "Linear4bit.forward no longer reads support_avx512bf16_for_cpu"
+
+
+upstream.register(upstream.Patch("keep_4bit_layout", "bitsandbytes",
+                                 "no 4-bit weight repacking while training (the packed kernel has no backward)",
+                                 _layout_switch_present))
 
 
 def new_top_modules(model, new_param_modules: list[str]) -> list[str]:

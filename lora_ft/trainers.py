@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import shutil
 import signal
 
+from . import upstream
+
 CHECKPOINT_STAGE = ".checkpoint-stage"  # a checkpoint is written here whole, then renamed into place
 RESUME_FILE = "lora_ft_resume.json"  # in each checkpoint: the recipe identity and data fingerprint it was trained with
+
+
+def _eval_sampler_hook():
+    from transformers import Trainer
+
+    return upstream.expect_params(Trainer._get_eval_sampler, "self", "eval_dataset")
+
+
+def _checkpoint_hook():
+    from transformers import Trainer, trainer_utils
+    from transformers.trainer_callback import TrainerState
+
+    return upstream.first_problem(
+        upstream.expect_params(Trainer._save_checkpoint, "self", "model", "trial"),
+        upstream.expect_attrs(trainer_utils, "PREFIX_CHECKPOINT_DIR", "rotate_checkpoints"),
+        upstream.expect_params(trainer_utils.rotate_checkpoints, "output_dir", "save_total_limit", "best_model_checkpoint",
+                               "use_mtime", "checkpoint_prefix"),
+        None if "best_global_step" in {f.name for f in dataclasses.fields(TrainerState)} else "TrainerState has no best_global_step",
+    )
+
+
+upstream.register(upstream.Patch("ordered_eval", "transformers", "eval batches in dataset order (off: train batches are not length-grouped)",
+                                 _eval_sampler_hook))
+upstream.register(upstream.Patch("atomic_checkpoints", "transformers", "checkpoints written whole, then renamed",
+                                 _checkpoint_hook))
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,8 +101,27 @@ def lora_ft_trainer(trainer_cls):
                                    best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
             self.accelerator.wait_for_everyone()
 
+    # Overrides of private Trainer methods stand only where transformers still calls them the way they expect.
+    if not upstream.usable("ordered_eval"):
+        del LoraFtTrainer._get_eval_sampler
+        LoraFtTrainer.__init__ = _without_length_grouping(LoraFtTrainer)
+    if not upstream.usable("atomic_checkpoints"):
+        del LoraFtTrainer._save_checkpoint
     LoraFtTrainer.__name__ = LoraFtTrainer.__qualname__ = f"LoraFt{trainer_cls.__name__}"
     return LoraFtTrainer
+
+
+def _without_length_grouping(cls):
+    """`cls.__init__` for the upstream path, where eval order cannot be kept by the override: transformers 5
+    length-groups eval batches too under group_by_length, so training batches go back to random order and eval
+    stays in dataset order (predictions pair with their rows)."""
+
+    def __init__(self, *args, **kwargs):
+        super(cls, self).__init__(*args, **kwargs)
+        if self.args.train_sampling_strategy == "group_by_length":
+            self.args.train_sampling_strategy = "random"
+
+    return __init__
 
 
 def mean_loss(trainer):

@@ -229,6 +229,74 @@ def test_bad_train_input_real_process(name, tmp_path, good_recipe, tiny_data):
     assert proc.stdout == ""
 
 
+# Values out of range, or that transformers, trl or torch would refuse later (often after the model loaded, or as a
+# traceback in a DataLoader): each its own case, reported by the recipe parse before torch is imported.
+BAD_VALUES = {
+    "train_batch_negative": (["--per_device_train_batch_size", "-3"], "per_device_train_batch_size"),
+    "eval_batch_zero": (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size"),
+    "accumulation_zero": (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+    "lr_zero": (["--learning_rate", "0"], "learning_rate"),
+    "lr_negative": (["--learning_rate", "-1e-4"], "learning_rate"),
+    "epochs_negative": (["--num_train_epochs", "-1"], "num_train_epochs"),
+    "epochs_zero_without_max_steps": (["--num_train_epochs", "0", "--max_steps", "-1"], "num_train_epochs"),
+    "max_steps_zero": (["--max_steps", "0"], "max_steps"),
+    "lora_r_zero": (["--lora_r", "0"], "lora_r"),
+    "lora_alpha_negative": (["--lora_alpha", "-8"], "lora_alpha"),
+    "max_length_zero": (["--max_length", "0"], "max_length"),
+    "max_target_length_zero": (["--max_target_length", "0"], "max_target_length"),
+    "new_tokens_zero": (["--generation_max_new_tokens", "0"], "generation_max_new_tokens"),
+    "train_samples_zero": (["--max_train_samples", "0"], "max_train_samples"),
+    "dropout_above_one": (["--lora_dropout", "1.5"], "lora_dropout"),
+    "eval_size_above_one": (["--eval_size", "1.2"], "eval_size"),
+    "beta1_above_one": (["--adam_beta1", "1.5"], "adam_beta1"),
+    "smoothing_negative": (["--label_smoothing_factor", "-0.1"], "label_smoothing_factor"),
+    "warmup_negative": (["--warmup_steps", "-5"], "warmup_steps"),
+    "weight_decay_negative": (["--weight_decay", "-0.1"], "weight_decay"),
+    "grad_norm_negative": (["--max_grad_norm", "-1"], "max_grad_norm"),
+    "epsilon_zero": (["--adam_epsilon", "0"], "adam_epsilon"),
+    "save_steps_zero": (["--save_steps", "0"], "save_steps"),
+    "eval_steps_negative": (["--eval_steps", "-2"], "eval_steps"),
+    "logging_steps_fractional": (["--logging_steps", "2.5"], "logging_steps"),
+    "save_total_limit_zero": (["--save_total_limit", "0"], "save_total_limit"),
+    "workers_negative": (["--dataloader_num_workers", "-1"], "dataloader_num_workers"),
+    "seed_negative": (["--seed", "-1"], "seed"),
+    "seed_too_large": (["--seed", str(2**32)], "seed"),
+    "strategy_unknown": (["--eval_strategy", "stepz"], "eval_strategy"),
+    "scheduler_unknown": (["--lr_scheduler_type", "cosin"], "lr_scheduler_type"),
+    "optimizer_unknown": (["--optim", "adamw_foo"], "optim"),
+    "best_model_strategies_differ": (["--load_best_model_at_end", "true", "--eval_strategy", "steps", "--save_strategy", "epoch"],
+                                     "load_best_model_at_end"),
+    "eval_strategy_without_eval": (["--eval_split", "none", "--eval_strategy", "steps"], "eval_strategy"),
+    "bf16_and_fp16": (["--bf16", "true", "--fp16", "true"], "bf16, fp16"),
+    "augment_copies_zero": (["--augment_copies", "0"], "augment_copies"),
+    "quant_type_unknown": (["--bnb_4bit_quant_type", "nf3"], "bnb_4bit_quant_type"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_VALUES)
+def test_bad_train_value(name, tmp_path, good_recipe, capsys):
+    extra, culprit = BAD_VALUES[name]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["train", str(good_recipe), "--output_dir", str(out), *extra])
+    err = capsys.readouterr().err
+    check_failure(rc, err, [culprit], out, None)
+    assert len(err.splitlines()) == 1, err
+
+
+def test_recipe_mistakes_are_reported_before_torch_loads(tmp_path, good_recipe):
+    """What makes the error arrive in about a second: nothing of the ML stack is imported to find it."""
+    out = tmp_path / "out"
+    code = ("import sys; from lora_ft.cli import main; "
+            f"rc = main(['train', {str(good_recipe)!r}, '--output_dir', {str(out)!r}, '--per_device_train_batch_size', '-3', "
+            "'--lerning_rate', '1']); "
+            f"print(rc, [m for m in {HEAVY!r} if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
+    assert "per_device_train_batch_size" in proc.stderr and "lerning_rate" in proc.stderr
+    assert not out.exists()
+
+
 def test_train_without_recipe_file_takes_overrides(tmp_path, tiny_gpt2, capsys):
     """`lora-ft train --key value ...` alone: the first override's value is not mistaken for a recipe path."""
     missing = tmp_path / "absent_data"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -177,9 +179,10 @@ def test_eval_split_none_trains_without_eval(value):
     assert r.trainer["eval_strategy"] == "no"
 
 
-def test_eval_split_none_keeps_an_explicit_strategy():
-    r = resolve({**BASE, "eval_split": "none", "eval_strategy": "steps"})
-    assert r.trainer["eval_strategy"] == "steps"
+def test_eval_split_none_with_an_explicit_eval_strategy_is_refused():
+    """Not overridden behind the user's back: the trainer would refuse it once the model had loaded."""
+    with pytest.raises(RecipeError, match="eval_strategy: 'steps' needs an eval split"):
+        resolve({**BASE, "eval_split": "none", "eval_strategy": "steps"})
 
 
 def test_quoted_no_strategy_is_accepted():
@@ -237,3 +240,71 @@ def test_saved_recipe_round_trips_and_redacts_tokens(tmp_path):
 def test_load_run_recipe_needs_the_file(tmp_path):
     with pytest.raises(RunDirError, match=RECIPE_FILE):
         load_run_recipe(tmp_path)
+
+
+# ---------------------------------------------------------------- no setting silently ignored
+
+
+@pytest.mark.parametrize("steps, strategy", [("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")])
+def test_steps_without_their_strategy_switch_it_to_steps(steps, strategy):
+    """transformers applies save_steps / eval_steps only under the `steps` strategy; lora_ft's default is `epoch`."""
+    r = resolve({**BASE, steps: 10})
+    assert r.trainer[strategy] == "steps" and not r.notes
+    kept = resolve({**BASE, steps: 10, strategy: "epoch"})  # said explicitly: kept, and the inert key is named
+    assert kept.trainer[strategy] == "epoch"
+    assert kept.notes == [f"{steps}: has no effect with {strategy}: epoch; set {strategy}: steps"]
+
+
+def test_switched_strategy_survives_the_saved_recipe(tmp_path):
+    r = resolve({**BASE, "save_steps": 5})
+    save_recipe(r, tmp_path)
+    back = load_run_recipe(tmp_path)
+    assert back.trainer["save_strategy"] == "steps" and back.trainer["save_steps"] == 5 and not back.notes
+
+
+def test_eval_steps_without_an_eval_split_is_named():
+    r = resolve({**BASE, "eval_split": "none", "eval_steps": 10})
+    assert r.trainer["eval_strategy"] == "no"
+    assert r.notes == ["eval_steps: has no effect with eval_split: none; set eval_strategy: steps"]
+
+
+@pytest.mark.parametrize("raw, note", [
+    ({"use_peft": False, "lora_r": 32}, "lora_r: has no effect with use_peft: false"),
+    ({"use_peft": False, "use_dora": True}, "use_dora: has no effect with use_peft: false"),
+    ({"bnb_4bit_quant_type": "fp4"}, "bnb_4bit_quant_type: has no effect with load_in_4bit: false"),
+    ({"use_bnb_nested_quant": True}, "use_bnb_nested_quant: has no effect with load_in_4bit: false"),
+    ({"augment_copies": 3}, "augment_copies: has no effect with augment: none"),
+    ({"eval_split": "none", "max_eval_samples": 10}, "max_eval_samples: has no effect with eval_split: none"),
+    ({"max_steps": 10, "num_train_epochs": 3}, "num_train_epochs: has no effect with max_steps: 10 (max_steps wins)"),
+])
+def test_inert_keys_are_named_with_the_key_that_disables_them(raw, note):
+    assert resolve({**BASE, **raw}).notes == [note]
+
+
+def test_defaults_and_effective_keys_raise_no_note():
+    assert resolve({**BASE, "lora_r": 32, "load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "max_steps": 5}).notes == []
+
+
+def test_trainer_keys_snapshot_matches_the_installed_libraries():
+    """lora_ft/trainer_keys.json lets a recipe be checked without importing transformers. It must say what the
+    pinned transformers and trl say; after an upgrade: python -m lora_ft.trainer_keys"""
+    from lora_ft import trainer_keys
+
+    snap = json.loads(trainer_keys.SNAPSHOT.read_text(encoding="utf-8"))
+    assert snap == json.loads(json.dumps(trainer_keys.build_snapshot())), "run: python -m lora_ft.trainer_keys"
+
+
+def test_trainer_keys_read_from_the_classes_when_the_snapshot_is_for_other_versions(monkeypatch):
+    from lora_ft import trainer_keys
+
+    fast = trainer_keys.trainer_fields("training")
+    trainer_keys.trainer_fields.cache_clear()
+    monkeypatch.setattr(trainer_keys, "installed_versions", lambda: {"transformers": "5.99.0", "trl": "1.16.0"})
+    try:
+        slow = trainer_keys.trainer_fields("training")
+    finally:
+        trainer_keys.trainer_fields.cache_clear()
+    assert set(slow) == set(fast) and "learning_rate" in slow
+    for fields in (fast, slow):
+        ok, _, why = coerce("stepz", fields["eval_strategy"])
+        assert not ok and "steps" in why  # an enum's choices, not any string
