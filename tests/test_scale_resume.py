@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cls_recipe, read_rows, write_csv
+from conftest import REPO, cls_recipe, read_rows, train_in_process, write_csv
 from lora_ft.cli import main
 
 ACCEL = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
@@ -199,3 +199,12 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, tiny_llama, tiny
     assert main(["train", str(acc), "--output_dir", str(tmp_path / "b")]) == 0
     a, b = adapter(tmp_path / "a"), adapter(tmp_path / "b")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_save_steps_alone_saves_at_those_steps(tmp_path, tiny_gpt2, tiny_data):
+    """`--save_steps 2` without a save_strategy: checkpoints at steps 2 and 4, not only at the end (transformers
+    ignores save_steps under lora_ft's default `epoch` strategy, so a run killed at step 3 would have lost everything)."""
+    recipe = cls_recipe(tmp_path / "r.yaml", tiny_gpt2, tiny_data, max_steps=5, save_total_limit=5)
+    recipe.write_text("".join(ln for ln in recipe.read_text().splitlines(keepends=True) if not ln.startswith("save_strategy:")))
+    run = train_in_process(recipe, tmp_path / "run", "--save_steps", "2")
+    assert {"checkpoint-2", "checkpoint-4"} <= {p.name for p in run.glob("checkpoint-*")}
