@@ -153,10 +153,12 @@ def generate_texts(model, tok, prompts: list, max_new_tokens: int = 64, temperat
 
 
 def generate_one(model, tok, prompt, max_new_tokens: int = 64, temperature: float = 0.0, chat: bool = False,
-                 system_prompt: Optional[str] = None, max_length: Optional[int] = None, streamer=None) -> dict:
+                 system_prompt: Optional[str] = None, max_length: Optional[int] = None, streamer=None,
+                 stopping_criteria=None, logits_processor=None) -> dict:
     """{"completion", "stopped", "prompt_tokens", "completion_tokens"} for one prompt (a string, or chat messages).
 
-    streamer: a transformers streamer that receives the new tokens as they are made (the server's SSE)."""
+    streamer: a transformers streamer that receives the new tokens as they are made (the server's SSE).
+    stopping_criteria, logits_processor: passed to `generate` (the server's cancellation and per-request sampling)."""
     import torch
 
     was_training = model.training
@@ -171,6 +173,7 @@ def generate_one(model, tok, prompt, max_new_tokens: int = 64, temperature: floa
         ids = torch.tensor([render_prompt(tok, prompt, chat, system_prompt)], device=device)
     kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, streamer=streamer)
     kw.update(do_sample=True, temperature=temperature) if temperature > 0 else kw.update(do_sample=False)
+    kw.update({k: v for k, v in (("stopping_criteria", stopping_criteria), ("logits_processor", logits_processor)) if v is not None})
     try:
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
