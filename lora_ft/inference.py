@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .config import Recipe, load_run_recipe
+from .errors import DataError
 from .runs import require_run_dir
 
 
@@ -109,6 +110,12 @@ def _eos_ids(model, tok, chat: bool = False) -> list[int]:
     return sorted(ids)
 
 
+def _render_exchange(tok, msgs: list[dict]) -> tuple[str, str]:
+    """(the text up to and including the assistant's reply "y", the whole exchange)."""
+    head = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) + msgs[-1]["content"]
+    return head, tok.apply_chat_template(msgs, tokenize=False)
+
+
 def end_of_turn_id(tok) -> Optional[int]:
     """The token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>), or None.
 
@@ -117,10 +124,14 @@ def end_of_turn_id(tok) -> Optional[int]:
     """
     msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     try:
-        head = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) + "y"
-        full = tok.apply_chat_template(msgs, tokenize=False)
-    except Exception:  # jinja errors: a template that insists on a system turn, say; then the eos alone stops
-        return None
+        head, full = _render_exchange(tok, msgs)
+    except Exception:  # a template that insists on a system turn, say: ask again with one
+        try:
+            head, full = _render_exchange(tok, [{"role": "system", "content": "s"}] + msgs)
+        except Exception as e:  # without the end-of-turn token generation would not stop where training did
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise DataError(f"chat_template: rendering a user/assistant exchange failed ({why}); fix the template "
+                            "(set chat_template in the recipe) so the end-of-turn token can be found") from None
     if not full.startswith(head):
         return None
     ids = tok(full[len(head):].strip(), add_special_tokens=False)["input_ids"]
