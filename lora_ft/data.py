@@ -6,6 +6,7 @@ finds the rows.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -25,26 +26,88 @@ def _split_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _read_file(path: Path, split_label: str):
-    import datasets
+HEAD_BYTES = 1 << 20  # the UTF-8 check reads this much: enough to catch a wrongly encoded export early
 
-    fmt = EXTENSIONS[path.suffix.lower()]
-    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    if fmt == "csv":
-        kwargs["keep_default_na"] = False  # "None"/"NA" tweets are text, not missing values
+
+def _check_utf8(path: Path) -> None:
+    import codecs
+
     try:
         with open(path, "rb") as fh:
-            head = fh.read(1 << 20)
-        head.decode("utf-8")
+            head = fh.read(HEAD_BYTES)
+            at_end = not fh.read(1)
+        # Incremental: a head that ends inside a multi-byte character is valid; the rest of it is past the cut.
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=at_end)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 (byte {e.start}); re-save the file as UTF-8") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from None
+
+
+def _innermost(e: BaseException) -> BaseException:
+    """datasets wraps every builder failure in DatasetGenerationError; the parser's own error is at the bottom."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    return e
+
+
+def _json_syntax_error(path: Path) -> Optional[str]:
+    """'line N: why' for the first line that does not parse (JSON Lines) or the document's error; None if it parses."""
+    import json
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    first = next((ln for ln in lines if ln.strip()), "")
+    try:
+        json.loads(first)
+        jsonl = True
+    except json.JSONDecodeError:
+        jsonl = False
+    if jsonl:
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n}: {e.msg} at column {e.colno}"
+        return None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"line {e.lineno}: {e.msg} at column {e.colno}"
+    return None
+
+
+def _read_file(path: Path, split_label: str):
+    import csv
+
+    import datasets
+
+    fmt = EXTENSIONS[path.suffix.lower()]
+    kwargs = {}
+    if path.suffix.lower() == ".tsv":
+        # TSV has no quoting: a text that starts with '"' would otherwise swallow the rows up to the next quote.
+        kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    if fmt == "csv":
+        kwargs["keep_default_na"] = False  # "None"/"NA" tweets are text, not missing values
+    if fmt != "parquet":  # Parquet is binary; its own reader checks it
+        _check_utf8(path)
+    quiet = logging.getLogger("datasets")  # it logs its own copy of a parse error; ours below is the one line
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(fmt, data_files={split_label: str(path)}, split=split_label, **kwargs)
     except Exception as e:  # pyarrow/pandas parse errors come in many types
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        cause = _innermost(e)
+        msg = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        if fmt == "json":
+            msg = _json_syntax_error(path) or msg
         raise DataError(f"{path}: cannot parse as {fmt} ({msg}); fix the file or convert it") from None
+    finally:
+        quiet.setLevel(level)
     return ds
 
 

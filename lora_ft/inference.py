@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .config import Recipe, load_run_recipe
+from .errors import DataError
 from .runs import require_run_dir
 
 
@@ -109,6 +110,12 @@ def _eos_ids(model, tok, chat: bool = False) -> list[int]:
     return sorted(ids)
 
 
+def _render_exchange(tok, msgs: list[dict]) -> tuple[str, str]:
+    """(the text up to and including the assistant's reply "y", the whole exchange)."""
+    head = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True) + msgs[-1]["content"]
+    return head, tok.apply_chat_template(msgs, tokenize=False)
+
+
 def end_of_turn_id(tok) -> Optional[int]:
     """The token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>), or None.
 
@@ -117,10 +124,14 @@ def end_of_turn_id(tok) -> Optional[int]:
     """
     msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     try:
-        head = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True) + "y"
-        full = tok.apply_chat_template(msgs, tokenize=False)
-    except Exception:  # jinja errors: a template that insists on a system turn, say; then the eos alone stops
-        return None
+        head, full = _render_exchange(tok, msgs)
+    except Exception:  # a template that insists on a system turn, say: ask again with one
+        try:
+            head, full = _render_exchange(tok, [{"role": "system", "content": "s"}] + msgs)
+        except Exception as e:  # without the end-of-turn token generation would not stop where training did
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise DataError(f"chat_template: rendering a user/assistant exchange failed ({why}); fix the template "
+                            "(set chat_template in the recipe) so the end-of-turn token can be found") from None
     if not full.startswith(head):
         return None
     ids = tok(full[len(head):].strip(), add_special_tokens=False)["input_ids"]
@@ -153,10 +164,12 @@ def generate_texts(model, tok, prompts: list, max_new_tokens: int = 64, temperat
 
 
 def generate_one(model, tok, prompt, max_new_tokens: int = 64, temperature: float = 0.0, chat: bool = False,
-                 system_prompt: Optional[str] = None, max_length: Optional[int] = None, streamer=None) -> dict:
+                 system_prompt: Optional[str] = None, max_length: Optional[int] = None, streamer=None,
+                 stopping_criteria=None, logits_processor=None) -> dict:
     """{"completion", "stopped", "prompt_tokens", "completion_tokens"} for one prompt (a string, or chat messages).
 
-    streamer: a transformers streamer that receives the new tokens as they are made (the server's SSE)."""
+    streamer: a transformers streamer that receives the new tokens as they are made (the server's SSE).
+    stopping_criteria, logits_processor: passed to `generate` (the server's cancellation and per-request sampling)."""
     import torch
 
     was_training = model.training
@@ -171,6 +184,7 @@ def generate_one(model, tok, prompt, max_new_tokens: int = 64, temperature: floa
         ids = torch.tensor([render_prompt(tok, prompt, chat, system_prompt)], device=device)
     kw = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, streamer=streamer)
     kw.update(do_sample=True, temperature=temperature) if temperature > 0 else kw.update(do_sample=False)
+    kw.update({k: v for k, v in (("stopping_criteria", stopping_criteria), ("logits_processor", logits_processor)) if v is not None})
     try:
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)

@@ -188,6 +188,25 @@ def test_columns_that_do_not_fit_are_a_data_error(tmp_path, chat_tok, rows, keys
         prepare(tmp_path, chat_tok, rows, **keys)
 
 
+def test_end_of_turn_detection_template_errors(tmp_path, chat_tok):
+    """A template that cannot render an exchange is refused; one that insists on a system turn is asked with one.
+    Both used to give None: generation then ran past <|im_end|> wherever the eos is another token."""
+    import copy
+
+    from lora_ft.inference import end_of_turn_id
+
+    im_end = chat_tok.convert_tokens_to_ids("<|im_end|>")
+    needs_system = copy.deepcopy(chat_tok)
+    needs_system.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system turn first') }}{% endif %}" + CHATML
+    assert end_of_turn_id(needs_system) == im_end == end_of_turn_id(chat_tok)
+    broken = copy.deepcopy(chat_tok)
+    broken.chat_template = "{{ raise_exception('this template is broken') }}"
+    with pytest.raises(DataError, match="chat_template: rendering a user/assistant exchange failed .this template is broken"):
+        end_of_turn_id(broken)
+    with pytest.raises(DataError, match="chat_template"):  # training refuses it before any step
+        prepare(tmp_path, broken, [{"prompt": "q", "completion": "a"}])
+
+
 def test_messages_need_a_template(tmp_path, plain_tok):
     with pytest.raises(DataError, match="chat_template"):
         prepare(tmp_path, plain_tok, chat_rows(QA[:1]))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import LABELS, LORA_FT, cls_recipe, json_lines, read_rows, run_cli, write_csv, write_recipe
+from conftest import FAST, LABELS, LORA_FT, cls_recipe, json_lines, read_rows, run_cli, write_csv, write_jsonl, write_recipe
 from lora_ft.cli import main
 
 HEAVY = ("torch", "transformers", "datasets", "peft", "trl", "numpy", "sklearn", "matplotlib", "bitsandbytes")
@@ -173,6 +173,29 @@ def bad_case(name: str, tmp_path, good_recipe, tiny_data):
         data = tmp_path / "notes.docx"
         data.write_bytes(b"PK\x03\x04 not a table")
         extra, culprits = ["--dataset_name", str(data)], ["notes.docx"]
+    elif name == "number_label_names":  # data 0..4, names 1..5: never read as positions
+        data = tmp_path / "ints"
+        write_csv(data / "train.csv", [{"text": f"row {i}", "label": i % 5} for i in range(10)])
+        extra, culprits = ["--dataset_name", str(data), "--eval_split", "none", "--labels", "1,2,3,4,5"], ["label", "0", "never as positions"]
+    elif name in ("csv_bad_line", "jsonl_bad_line"):
+        data = tmp_path / "broken"
+        data.mkdir()
+        if name == "csv_bad_line":
+            (data / "train.csv").write_text("text,label\nok,positive\nbad,row,extra\n", encoding="utf-8")
+            culprits = ["train.csv", "line 3"]
+        else:
+            (data / "train.jsonl").write_text('{"text": "ok", "label": "positive"}\n{"text": "bad",\n', encoding="utf-8")
+            culprits = ["train.jsonl", "line 2"]
+        extra = ["--dataset_name", str(data), "--eval_split", "none"]
+    elif name == "chat_template_error":
+        import yaml
+
+        data = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "q", "completion": "a"}])
+        model = yaml.safe_load(good_recipe.read_text())["model_name_or_path"]
+        recipe = write_recipe(tmp_path / "chat.yaml", **{**FAST, "model_name_or_path": model, "task": "causal-lm",
+                              "dataset_name": str(data), "eval_split": "none", "use_chat_template": True,
+                              "chat_template": "{{ raise_exception('broken template') }}"})
+        culprits = ["chat_template", "broken template"]
     elif name == "different_run":
         out.mkdir()
         write_recipe(out / "lora_ft_recipe.yaml", model_name_or_path="someone/else", dataset_name="other",
@@ -189,7 +212,8 @@ def bad_case(name: str, tmp_path, good_recipe, tiny_data):
 
 
 BAD = ["malformed_yaml", "unknown_key", "wrong_type", "two_problems", "missing_recipe", "missing_dataset",
-       "missing_column", "label_outside", "non_utf8", "empty_dataset", "not_a_dataset", "different_run", "not_a_run"]
+       "missing_column", "label_outside", "non_utf8", "empty_dataset", "not_a_dataset", "different_run", "not_a_run",
+       "number_label_names", "csv_bad_line", "jsonl_bad_line", "chat_template_error"]
 
 
 @pytest.fixture()

@@ -92,6 +92,51 @@ def test_non_utf8_csv_is_named(tmp_path):
     assert "latin1.csv" in str(exc.value)
 
 
+def test_parquet_file_loads(tmp_path, tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = rows(12)
+    pq.write_table(pa.table({"text": [r["text"] for r in data], "label": [r["label"] for r in data]}), tmp_path / "train.parquet")
+    d = prepare(tok, dataset_name=str(tmp_path / "train.parquet"), eval_split="none")
+    assert len(d.train) == 12 and d.label_names == sorted({r["label"] for r in data})
+
+
+def test_utf8_check_accepts_a_character_cut_at_the_first_mib(tmp_path):
+    from lora_ft.data import HEAD_BYTES
+
+    path = tmp_path / "train.csv"
+    text = "é" * (HEAD_BYTES // 2 + 8)  # 2-byte characters from offset 11: the check's last byte is a first half
+    body = ("text,label\n" + text + ",positive\n").encode("utf-8")
+    assert (HEAD_BYTES - 11) % 2 == 1
+    path.write_bytes(body)
+    assert load_splits(str(path), "train", None)[0]["label"] == ["positive"]
+    path.write_bytes("text,label\ncafé".encode("utf-8")[:-1])  # a file that really ends inside a character
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_splits(str(path), "train", None)
+
+
+def test_tsv_quotes_are_text(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text('text\tlabel\n"quoted start\tpositive\nplain\tnegative\nends with a quote"\tneutral\n', encoding="utf-8")
+    ds = load_splits(str(path), "train", None)[0]
+    assert ds["text"] == ['"quoted start', "plain", 'ends with a quote"']
+    assert ds["label"] == ["positive", "negative", "neutral"]
+
+
+@pytest.mark.parametrize("name, body, where", [
+    ("train.csv", "text,label\nok,positive\nbad,row,extra\nfine,negative\n", "line 3"),
+    ("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": \n{"text": "c", "label": "y"}\n', "line 2"),
+    ("train.json", '[{"text": "a", "label": "x"},\n {"text": "b" "label": "y"}]', "line 2"),
+])
+def test_parse_error_names_file_and_line(tmp_path, name, body, where):
+    (tmp_path / name).write_text(body, encoding="utf-8")
+    with pytest.raises(DataError) as exc:
+        load_splits(str(tmp_path / name), "train", None)
+    msg = str(exc.value)
+    assert name in msg and where in msg and "\n" not in msg, msg
+
+
 # ---------------------------------------------------------------- labels
 
 
@@ -137,6 +182,15 @@ def test_int_label_outside_the_set(tmp_path, tok):
     write_csv(tmp_path / "train.csv", [{"text": f"row {i}", "label": v} for i, v in enumerate([0, 1, 5, 1])])
     with pytest.raises(DataError, match="5"):
         prepare(tok, dataset_name=str(tmp_path), eval_split="none", labels=["neg", "pos"])
+
+
+def test_number_names_are_never_positions(tmp_path, tok):
+    """labels: [1..5] with data 0..4 used to train 1..4 as names and 0 as position 0 (the name "1")."""
+    write_csv(tmp_path / "train.csv", [{"text": f"row {i}", "label": i % 5} for i in range(10)])
+    with pytest.raises(DataError, match="label.*0 not in labels \\[1, 2, 3, 4, 5\\].*never as positions"):
+        prepare(tok, dataset_name=str(tmp_path), eval_split="none", labels=[1, 2, 3, 4, 5])
+    d = prepare(tok, dataset_name=str(tmp_path), eval_split="none", labels=[4, 3, 2, 1, 0])  # names, in this order
+    assert [d.label_names[i] for i in d.train["labels"]] == [str(i % 5) for i in range(10)]
 
 
 def test_eval_label_unseen_in_train(tmp_path, tok):

@@ -93,6 +93,19 @@ def test_prepare_trains_on_the_first_answer_and_keeps_all_as_references(tmp_path
     assert data.eval_references == [["Bob", "bob"]]
 
 
+def test_null_targets_are_dropped_and_counted(tmp_path):
+    from transformers import ByT5Tokenizer
+
+    rows = [{"question": "Who?", "context": "Bob did.", "answers": "Bob"},
+            {"question": "Null?", "context": "x", "answers": None},
+            {"question": "Null in a list?", "context": "x", "answers": {"text": [None], "answer_start": [0]}}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe = resolve({"model_name_or_path": "unused", "dataset_name": str(tmp_path / "train.jsonl"), "eval_split": "none", **FAST})
+    data = seq2seq.prepare_data(recipe, ByT5Tokenizer())
+    assert len(data.train) == 1 and "dropped 2 row(s) without a target" in " ".join(data.notes)
+    assert seq2seq.references(None) == [] and seq2seq.references(["a", None]) == ["a"]
+
+
 def test_template_field_missing_from_the_data(tmp_path):
     from transformers import ByT5Tokenizer
 

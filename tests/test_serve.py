@@ -44,7 +44,8 @@ def served(llama_run, second_llama_run, gpt2_run, chat_model):
 def client(served, **settings):
     from fastapi.testclient import TestClient
 
-    return TestClient(build_app(served, ServeSettings(**settings)), raise_server_exceptions=False)
+    # base_url: the Host guard answers loopback names only on a loopback bind (TestClient's default is "testserver")
+    return TestClient(build_app(served, ServeSettings(**settings)), raise_server_exceptions=False, base_url="http://localhost")
 
 
 def test_models_list_names_and_shared_base(served, llama_run):
@@ -89,7 +90,7 @@ def test_concurrent_requests_are_batched(served):
     texts = [f"{TEXTS[i % len(TEXTS)]} {i}" for i in range(32)]
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
             rs = await asyncio.gather(*(c.post("/v1/classify", json={"model": "gpt2", "inputs": t}) for t in texts))
             return [r.json()["results"][0] for r in rs]
 
@@ -167,7 +168,8 @@ def test_failing_request_leaves_the_server_up(served, monkeypatch):
     real = inference.classify
     monkeypatch.setattr(inference, "classify", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     r = c.post("/v1/classify", json={"model": "gpt2", "inputs": ["x"]})
-    assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+    assert r.status_code == 500 and "boom" not in r.text  # the exception's text goes to the log only
+    assert r.json()["error"]["message"] == "internal error; the server log has the details"
     monkeypatch.setattr(inference, "classify", real)
     assert c.post("/v1/classify", json={"model": "gpt2", "inputs": ["x"]}).status_code == 200
 
@@ -259,3 +261,154 @@ def test_serve_binds_loopback_by_default():
 
     args, _ = make_parser().parse_known_args(["serve", "run"])
     assert args.host == "127.0.0.1"
+
+
+# ---------------------------------------------------------------- requests end with their clients (issue 18 §4)
+
+
+@pytest.fixture
+def endless_chat(served, monkeypatch):
+    """The chat run with its EOS suppressed, so a generation runs to max_new_tokens unless something stops it;
+    returns the list every generate_one result is appended to."""
+    import copy
+
+    import lora_ft.inference as inference
+
+    gc = copy.deepcopy(served["chat"].generation_config)
+    gc.min_new_tokens = 10**4
+    monkeypatch.setattr(served["chat"], "generation_config", gc)
+    results, real = [], inference.generate_one
+    monkeypatch.setattr(inference, "generate_one", lambda *a, **k: results.append(real(*a, **k)) or results[-1])
+    return results
+
+
+def test_timed_out_generation_stops(served, endless_chat):
+    c = client(served, timeout_s=0.05)
+    r = c.post("/v1/generate", json={"model": "chat", "prompt": "hello", "max_new_tokens": 200})
+    assert r.status_code == 504
+    c = client(served)  # queued behind the abandoned job on the same base thread: returns once that one ended
+    assert c.post("/v1/generate", json={"model": "chat", "prompt": "hello", "max_new_tokens": 1}).status_code == 200
+    assert endless_chat[0]["completion_tokens"] < 150  # 200 (about 0.4 s) when the worker ignored the timeout
+
+
+def test_disconnected_stream_stops(live_server, endless_chat):
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 200, "stream": True}
+    auth = {"Authorization": "Bearer k"}
+    with httpx.Client(timeout=30) as h:
+        for _ in range(3):  # abandoned streams used to hold the base until max_tokens each
+            with h.stream("POST", f"{live_server}/chat/completions", json=body, headers=auth) as r:
+                next(r.iter_lines())
+        quick = {"model": "chat", "prompt": "hello", "max_new_tokens": 1}
+        assert h.post(f"{live_server}/generate", json=quick, headers=auth).status_code == 200
+    # A stream cancelled before its turn never generates; one that started stops at its next step.
+    assert endless_chat and all(o["completion_tokens"] < 150 for o in endless_chat), [o["completion_tokens"] for o in endless_chat]
+
+
+def test_failing_stream_reports_at_once(served, monkeypatch):
+    import lora_ft.inference as inference
+
+    monkeypatch.setattr(inference, "generate_one", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom /secret/path")))
+    started = time.perf_counter()
+    r = client(served, timeout_s=5).post("/v1/chat/completions", json={
+        "model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert time.perf_counter() - started < 2.5  # the streamer's 5 s timeout was the old end
+    assert "generation failed" in r.text and "boom" not in r.text and "secret" not in r.text
+
+
+def test_prompt_over_the_positions_is_413(served):
+    from lora_ft.inference import render_prompt
+
+    c = client(served)
+    r = c.post("/v1/generate", json={"model": "chat", "prompt": "word " * 300, "max_new_tokens": 8})
+    assert r.status_code == 413 and "256 positions" in r.text, r.text
+    sm = served["chat"]
+    k = len(render_prompt(sm.tok, "hello", True, sm.recipe.args.system_prompt))
+    r = c.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "hello"}],
+                                            "max_tokens": 256 - k + 1, "stream": True})
+    assert r.status_code == 413 and f"{k} tokens plus {256 - k + 1} new tokens" in r.text, r.text
+
+
+def test_metrics_label_routes_not_paths(served):
+    c = client(served)
+    for i in range(3):
+        assert c.get(f"/no/such/path/{i}").status_code == 404
+    c.post("/v1/classify", json={"model": "gpt2", "inputs": ["x"]})
+    text = c.get("/metrics").text
+    assert "/no/such" not in text
+    assert 'lora_ft_requests_total{endpoint="unmatched",model="",status="404"} 3.0' in text
+    assert 'endpoint="/v1/classify"' in text
+
+
+def test_key_checked_before_the_body_and_on_openapi(served):
+    c = client(served, api_key="s3cret")
+    r = c.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401 and "API key" in r.text  # a 422 would tell a stranger about the schema
+    assert c.get("/openapi.json").status_code == 401
+    assert c.get("/openapi.json", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+@pytest.mark.parametrize("bind, allowed, host, status", [
+    ("127.0.0.1", (), "localhost:8000", 200),
+    ("127.0.0.1", (), "127.0.0.1:1", 200),
+    ("127.0.0.1", (), "[::1]:8000", 200),
+    ("127.0.0.1", (), "LOCALHOST", 200),
+    ("127.0.0.1", (), "evil.example", 421),
+    ("127.0.0.1", (), "evil.example:8000", 421),
+    ("127.0.0.1", (), "localhost:abc", 400),
+    ("127.0.0.1", (), "", 400),
+    ("10.1.2.3", (), "10.1.2.3:8000", 200),
+    ("10.1.2.3", (), "10.1.2.4:8000", 421),
+    ("0.0.0.0", ("api.example.com",), "api.example.com:443", 200),
+    ("0.0.0.0", ("api.example.com",), "0.0.0.0:8000", 421),
+    ("0.0.0.0", ("*",), "anything.example", 200),
+])
+def test_host_header_checked_against_the_bind(served, bind, allowed, host, status):
+    r = client(served, host=bind, allowed_hosts=allowed).get("/v1/models", headers={"host": host})
+    assert r.status_code == status, r.text
+    if status == 421:
+        assert "--allowed-hosts" in r.text
+
+
+def test_empty_api_key_refused(served, gpt2_run, capsys, monkeypatch):
+    from lora_ft.errors import LoraFtError
+
+    with pytest.raises(LoraFtError, match="API key is empty"):
+        ServeSettings(api_key=" ")
+    assert main(["serve", str(gpt2_run.run_dir), "--api-key", ""]) == 2
+    monkeypatch.setenv("LORA_FT_API_KEY", "")
+    assert main(["serve", str(gpt2_run.run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("API key is empty") == 2 and "Traceback" not in err
+
+
+def test_run_without_generation_config_gets_its_own(chat_model, tmp_path):
+    """Two chat adapters on one base; the first saved EOS ids of its own, the second saved none."""
+    import shutil
+
+    own, bare = tmp_path / "own", tmp_path / "bare"
+    shutil.copytree(chat_model, own)
+    shutil.copytree(chat_model, bare)
+    cfg = json.loads((own / "generation_config.json").read_text())
+    (own / "generation_config.json").write_text(json.dumps({**cfg, "eos_token_id": [cfg["eos_token_id"], 7]}))
+    (bare / "generation_config.json").unlink()
+    models = load_models([str(own), str(bare)])
+    assert models["own"].group is models["bare"].group
+    models["own"].activate()
+    want = load_run(bare)[0].generation_config.eos_token_id  # what `lora-ft generate` stops on for that run
+    assert models["bare"].activate().generation_config.eos_token_id == want != [cfg["eos_token_id"], 7]
+
+
+def test_seeded_sampling_leaves_the_process_rng_alone(served):
+    import torch
+
+    c = client(served)
+    body = {"model": "chat", "prompt": "hello", "max_new_tokens": 12, "temperature": 1.5, "seed": 7}
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    one = c.post("/v1/generate", json=body).json()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)  # another seeding elsewhere in the process changes nothing
+    assert c.post("/v1/generate", json=body).json() == one
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "hello"}], "temperature": 1.0, "max_tokens": 4}
+    assert c.post("/v1/chat/completions", json=chat).status_code == 200  # unseeded: a fresh generator
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(123).get_state())

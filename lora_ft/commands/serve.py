@@ -1,4 +1,4 @@
-"""`lora-ft serve RUN [NAME=RUN ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch-size 32]`."""
+"""`lora-ft serve RUN [NAME=RUN ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--allowed-hosts H,...] [--max-batch-size 32]`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="RUN", help="run dir or merged folder; NAME=PATH names it (default: folder name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-hosts", default="", metavar="H[,H...]",
+                   help="Host header names to answer besides loopback and the bind address ('*': any, e.g. behind a proxy)")
     p.add_argument("--api-key", default=os.environ.get("LORA_FT_API_KEY"), help="require Authorization: Bearer KEY (default: $LORA_FT_API_KEY)")
     p.add_argument("--max-batch-size", type=int, default=32, help="inputs per classification forward pass; 1 turns batching off")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
@@ -38,10 +40,12 @@ def run(args, overrides: list[str]) -> int:
     from ..serving.app import ServeSettings, build_app
     from ..serving.registry import load_models
 
-    models = load_models(args.models)
+    hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
     settings = ServeSettings(api_key=args.api_key, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              timeout_s=args.timeout, max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs,
-                             max_input_chars=args.max_input_chars, max_new_tokens=args.max_new_tokens)
+                             max_input_chars=args.max_input_chars, max_new_tokens=args.max_new_tokens,
+                             host=args.host, allowed_hosts=hosts)
+    models = load_models(args.models)
     if args.host not in LOOPBACK and not args.api_key:
         print(f"lora-ft: warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     for name, m in models.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import threading
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ class Group:
     model: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: list[str] = field(default_factory=list)
+    generation_config: Any = None  # the base's own, as loaded: the default of every run that saved none
 
 
 @dataclass
@@ -31,7 +33,7 @@ class ServedModel:
     tok: Any
     group: Group
     adapter: Optional[str]  # peft adapter name inside group.model; None for a whole (merged) model
-    generation_config: Any = None  # the run's own (its EOS ids), set on the shared model with the adapter
+    generation_config: Any = None  # the run's own (its EOS ids), or the base's; set on the shared model with the adapter
 
     @property
     def chat(self) -> bool:
@@ -99,14 +101,16 @@ def load_models(specs: list[str]) -> dict[str, ServedModel]:
             extra = task.label_kwargs(a.labels) if a.labels and hasattr(task, "label_kwargs") else {}
             base, _ = load_model(a, auto_class(task), training=False, **extra)
             task.setup_model(base, tok)
-            groups[key] = Group(PeftModel.from_pretrained(base, str(p), adapter_name=adapter))
+            model = PeftModel.from_pretrained(base, str(p), adapter_name=adapter)
+            groups[key] = Group(model, generation_config=copy.deepcopy(getattr(model, "generation_config", None)))
         else:
             groups[key].model.load_adapter(str(p), adapter_name=adapter)
         group = groups[key]
         cpu_dora.install(group.model)  # DoRA adapters: the weight norm once per layer, not per request
         group.adapters.append(adapter)
         group.model.eval()
-        gen = None
+        # Never None: the shared model would keep the previous adapter's config (its EOS ids) for this run.
+        gen = copy.deepcopy(group.generation_config)
         if (p / "generation_config.json").is_file():
             from transformers import GenerationConfig
 

@@ -6,6 +6,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+SEED_RANGE = dict(ge=0, lt=2**64)  # what torch.Generator.manual_seed takes; beyond it a 422, not a 500
+
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -19,7 +21,7 @@ class GenerateRequest(BaseModel):
     prompt: Union[str, list[str]]
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    seed: int = 0
+    seed: int = Field(0, **SEED_RANGE)
 
 
 class ChatMessage(BaseModel):
@@ -38,5 +40,5 @@ class ChatRequest(BaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # the OpenAI default; 0 is greedy
     stream: bool = False
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, **SEED_RANGE)
     n: int = Field(1, ge=1, le=1)

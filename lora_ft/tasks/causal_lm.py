@@ -170,6 +170,10 @@ def _check_chat(fmt: str, chat: bool, tok) -> None:
                         "(the tokenizer has none) and leave use_chat_template on")
     if fmt == "text" and chat:
         raise DataError("use_chat_template: text data has no turns to lay out; drop it, or use prompt-completion data")
+    if chat:  # before training, not at the first generation: a template that cannot render an exchange is refused
+        from ..inference import end_of_turn_id
+
+        end_of_turn_id(tok)
 
 
 def prepare_data(recipe, tok) -> PreparedData:

@@ -60,14 +60,19 @@ def label_names_for(train, label_column: str, labels: Optional[list]) -> list[st
 
 
 def encode_labels(ds, label_column: str, names: list[str], where: str):
-    """Map label values (names, or integer ids into `names`) to ids; anything outside the set is an error."""
+    """Map label values (names, or integer ids into `names`) to ids; anything outside the set is an error.
+
+    Where the names are themselves numbers (`labels: [1, 2, 3, 4, 5]`), an integer is only ever a name: read as a
+    position as well, data 0..4 was half shifted by one and half taken as is, without a word.
+    """
     index = {n: i for i, n in enumerate(names)}
+    numeric_names = all(n.strip().lstrip("-").isdigit() for n in names)
 
     def to_id(v):
         if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
             if str(v) in index:
                 return index[str(v)]
-            if 0 <= int(v) < len(names):
+            if not numeric_names and 0 <= int(v) < len(names):
                 return int(v)
             return None
         return index.get(str(v).strip(), None)
@@ -76,6 +81,10 @@ def encode_labels(ds, label_column: str, names: list[str], where: str):
     bad = sorted({str(v) for v, i in zip(ds[label_column], ids) if i is None})
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if numeric_names and all(str(v).strip().lstrip("-").isdigit() for v in bad):
+            raise DataError(f"{label_column} in {where}: label(s) {shown} not in labels [{', '.join(names)}]; these names are "
+                            "numbers, so data values are matched as names, never as positions: list the values the data "
+                            "holds in `labels:` (e.g. [0, 1, ...]) or fix the data")
         raise DataError(f"{label_column} in {where}: label(s) {shown} not in labels [{', '.join(names)}]; add them to `labels:` or fix the data")
     return ds.remove_columns([c for c in ["labels"] if c in ds.column_names]).add_column("labels", ids)
 

@@ -43,12 +43,11 @@ def template_columns(template: str) -> list[str]:
 
 
 def references(value) -> list[str]:
-    """Acceptable answers: a SQuAD answers dict, a list, or one string."""
+    """Acceptable answers: a SQuAD answers dict, a list, or one string. Nulls are no answer (never the text "None")."""
     if isinstance(value, dict) and "text" in value:
-        return [str(t) for t in value["text"]]
-    if isinstance(value, list):
-        return [str(t) for t in value]
-    return [str(value)]
+        value = value["text"]
+    values = value if isinstance(value, list) else [value]
+    return [str(t) for t in values if t is not None]
 
 
 def source_of(row: dict, a) -> str:
