@@ -33,6 +33,7 @@ ROWS = {
     "cls/lora_ft-qlora": "lora_ft, 4-bit QLoRA (nf4), DoRA as the recipe",
     "cls/lora_ft-qlora-ckpt": "lora_ft, 4-bit QLoRA + gradient_checkpointing: the memory-first setting (as the QLoRA paper runs it)",
     "sft/trl-defaults": "trl SFTTrainer defaults (SFTConfig: bf16, gradient checkpointing, no packing) + peft LoRA defaults",
+    "sft/trl-defaults-fp32": "the same with bf16: false, as a user would set it on a CPU without native bf16",
     "sft/lora_ft": "lora_ft: recipes/smollm2_sft.yaml (bf16 autocast, no checkpointing, assistant-only labels, CPU LM head: labelled tokens only, bf16)",
     "sft/lora_ft-qlora": "lora_ft, 4-bit QLoRA (nf4)",
     "sft/lora_ft-qlora-ckpt": "lora_ft, 4-bit QLoRA + gradient_checkpointing (recipes/qwen2.5_1.5b_qlora_sft.yaml's setting)",
@@ -42,6 +43,7 @@ WORKLOADS = {"cls": ("recipes/gpt2_sentiment.yaml", ["--model_name_or_path", "bu
                                                      "--max_train_samples", "512", "--per_device_train_batch_size", "16"], 16),
              "sft": ("recipes/smollm2_sft.yaml", ["--dataset_name", str(INSTR), "--max_train_samples", "256"], 8)}
 PEERS = {"cls": "cls/naive", "sft": "sft/trl-defaults"}
+FP32_PEER = {"sft": "sft/trl-defaults-fp32"}  # on a CPU without native bf16, also against trl set to fp32
 
 
 # What makes an AMX machine train as an AVX2-only one: lora_ft's decisions, torch's kernels, oneDNN's matmuls.
@@ -72,16 +74,17 @@ def bf16_peak_tflops() -> dict:
     out = {}
     for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         a, b = torch.randn(size, size, dtype=dt, device=dev), torch.randn(size, size, dtype=dt, device=dev)
-        for _ in range(3):
-            a @ b
+        a @ b  # warm-up
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
+        t0, done = time.perf_counter(), 0
+        # n products, or fewer where one takes long (bf16 without native support runs >10x slower than fp32)
+        while done < n and (done < 2 or time.perf_counter() - t0 < 10):
             a @ b
+            done += 1
         if cuda:
             torch.cuda.synchronize()
-        out[name] = round(2 * size**3 * n / (time.perf_counter() - t0) / 1e12, 3)
+        out[name] = round(2 * size**3 * done / (time.perf_counter() - t0) / 1e12, 3)
     return out
 
 
@@ -144,7 +147,7 @@ def run_row(name: str, steps: int, warmup: int) -> dict:
     elif name == "cls/naive":
         _naive_cls(timer, steps)
     else:
-        _trl_sft(timer, steps)
+        _trl_sft(timer, steps, fp32=name.endswith("-fp32"))
     row = {"row": name, "what": ROWS[name], "batch": batch, **timer.result(batch), "peak_rss_growth_mb": round(_rss_mb() - rss0, 1),
            "peak_rss_mb": round(_rss_mb(), 1)}
     if torch.cuda.is_available():  # on a GPU the memory that matters is the device's
@@ -190,7 +193,7 @@ def _naive_cls(timer, steps: int) -> None:
     Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer]).train()
 
 
-def _trl_sft(timer, steps: int) -> None:
+def _trl_sft(timer, steps: int, fp32: bool = False) -> None:
     """trl's SFTTrainer with its SFTConfig defaults (what `trl sft` would do), LoRA through peft_config."""
     import datasets
     from peft import LoraConfig
@@ -204,8 +207,9 @@ def _trl_sft(timer, steps: int) -> None:
     ds = datasets.load_dataset("json", data_files=str(INSTR / "gpteacher_sft.jsonl"), split="train").shuffle(seed=42).select(range(256))
     ds = ds.map(lambda r: {"messages": [{"role": "user", "content": (r["instruction"] + "\n\n" + r["context"]).strip()},
                                         {"role": "assistant", "content": r["response"]}]}, remove_columns=ds.column_names)
+    fp32 = {"bf16": False} if fp32 else {}
     cfg = SFTConfig(output_dir="/tmp/lora_ft_throughput/trl", per_device_train_batch_size=8, max_length=512, max_steps=steps,
-                    use_cpu=_no_gpu(), report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000)
+                    use_cpu=_no_gpu(), report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1000, **fp32)
     model = AutoModelForCausalLM.from_pretrained(path)
     SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=LoraConfig(r=16, lora_alpha=32, task_type="CAUSAL_LM"),
                callbacks=[timer]).train()
@@ -231,6 +235,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--as-cpu", choices=["avx2"], help="time this machine as an AVX2-only CPU: lora_ft, torch and oneDNN "
                    "all limited to AVX2 (an estimate of such a CPU, recorded as emulated)")
+    p.add_argument("--only", help="comma-separated row names (default: every row)")
     p.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = p.parse_args()
     os.chdir(ROOT)
@@ -249,7 +254,7 @@ def main() -> int:
 
     n_params = count_params(AutoConfig.from_pretrained(resolve_model_path("builtin:smollm2-135m-instruct")))
     rows = []
-    for name in ROWS:
+    for name in [r for r in ROWS if not args.only or r in args.only.split(",")]:
         proc = subprocess.run([sys.executable, __file__, "--row", name, "--steps", str(args.steps), "--warmup", str(args.warmup)],
                               capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
@@ -266,6 +271,7 @@ def main() -> int:
     by = {r["row"]: r for r in rows if "error" not in r}
     ratios = {}
     speed_pairs = [(a, PEERS[a.split("/")[0]]) for a in ROWS if "/lora_ft" in a]  # every lora_ft row vs its peer
+    speed_pairs += [(a, FP32_PEER[a.split("/")[0]]) for a in ROWS if "/lora_ft" in a and a.split("/")[0] in FP32_PEER]
     memory_pairs = [(a, a.split("/")[0] + "/lora_ft") for a in ROWS if "-qlora" in a]  # every 4-bit row vs bf16 LoRA
     for a, b in speed_pairs:
         if a in by and b in by:
