@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..trust import add_trust_args
+
 HELP = "serve runs and merged models over REST: classify, generate, OpenAI chat completions"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -23,6 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, default=256, help="texts or prompts per request")
     p.add_argument("--max-input-chars", type=int, default=20_000)
     p.add_argument("--max-new-tokens", type=int, default=1024, help="the most tokens a request may ask for")
+    add_trust_args(p)
     return p
 
 
@@ -37,8 +40,9 @@ def run(args, overrides: list[str]) -> int:
 
     from ..serving.app import ServeSettings, build_app
     from ..serving.registry import load_models
+    from ..trust import from_args
 
-    models = load_models(args.models)
+    models = load_models(args.models, from_args(args))
     settings = ServeSettings(api_key=args.api_key, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              timeout_s=args.timeout, max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs,
                              max_input_chars=args.max_input_chars, max_new_tokens=args.max_new_tokens)
