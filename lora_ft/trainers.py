@@ -62,7 +62,10 @@ def lora_ft_trainer(trainer_cls):
                     with open(os.path.join(staged, RESUME_FILE), "w", encoding="utf-8") as fh:
                         json.dump(self.resume_info, fh, indent=2)
                 final = os.path.join(run_dir, name)
-                shutil.rmtree(final, ignore_errors=True)
+                # An older checkpoint-N (a resumed run saving the same step) goes aside, not away: until the
+                # rename below, it is the only whole copy of that step.
+                if os.path.exists(final):
+                    os.replace(final, os.path.join(stage, name + ".old"))
                 os.replace(staged, final)
                 shutil.rmtree(stage, ignore_errors=True)
                 if self.state.best_global_step:

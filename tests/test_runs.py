@@ -6,7 +6,7 @@ import pytest
 
 from lora_ft.config import RECIPE_FILE, resolve, save_recipe
 from lora_ft.errors import RunDirError
-from lora_ft.runs import check_output_dir, read_metrics, require_run_dir, write_json
+from lora_ft.runs import STAGE, check_output_dir, read_metrics, replace_final_files, require_run_dir, write_json
 
 
 def recipe(**keys):
@@ -22,15 +22,79 @@ def test_new_or_empty_dir_is_fine(tmp_path):
 
 def test_same_run_may_be_rerun(tmp_path):
     save_recipe(recipe(lora_r=4), tmp_path)
-    check_output_dir(tmp_path, recipe(lora_r=8, learning_rate=1e-3))  # hyperparameters may change
+    check_output_dir(tmp_path, recipe(lora_r=4))  # resumes or replaces it, as before
+    # keys that change no output: logging, reporting, checkpoint cadence
+    check_output_dir(tmp_path, recipe(lora_r=4, logging_steps=7, report_to="none", save_total_limit=2))
 
 
-@pytest.mark.parametrize("key, value", [("model_name_or_path", "other"), ("dataset_name", "other")])
+@pytest.mark.parametrize("key, value", [("model_name_or_path", "other"), ("dataset_name", "other"),
+                                        ("learning_rate", 1e-3), ("lora_r", 8), ("use_peft", False)])
 def test_different_run_is_refused(tmp_path, key, value):
+    """Any output-affecting key: a second run into the same folder would otherwise overwrite the first, and a
+    use_peft: false run would leave the old adapter next to its own weights."""
     save_recipe(recipe(), tmp_path)
     with pytest.raises(RunDirError, match="different run") as exc:
         check_output_dir(tmp_path, recipe(**{key: value}))
-    assert key in str(exc.value) and "other" in str(exc.value)
+    assert key in str(exc.value) and "--overwrite" in str(exc.value)
+    check_output_dir(tmp_path, recipe(**{key: value}), overwrite=True)
+
+
+def _final(folder, **files):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name.replace("__", ".")).write_text(text)
+
+
+def test_final_files_are_replaced_as_a_set(tmp_path):
+    """The old adapter, old eval rows and every other final file go; checkpoints stay; nothing is left aside."""
+    run = tmp_path / "run"
+    _final(run, adapter_config__json="{}", adapter_model__safetensors="old", eval_generations__jsonl="old rows",
+           lora_ft_recipe__yaml="old", metrics__json="{}")
+    (run / "checkpoint-4").mkdir()
+    _final(run / STAGE, config__json="{}", model__safetensors="new", lora_ft_recipe__yaml="new", metrics__json="{}")
+    replace_final_files(run, run / STAGE)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "config.json", RECIPE_FILE, "metrics.json", "model.safetensors"]
+    assert (run / RECIPE_FILE).read_text() == "new"
+
+
+@pytest.mark.parametrize("crash_at", range(1, 10))
+def test_a_crash_mid_move_leaves_nothing_that_loads_a_mix(tmp_path, monkeypatch, crash_at):
+    """Wherever the move stops, the folder loads as the old run, the new run, or not at all (and then says why);
+    and `lora-ft train` still recognises it as this recipe's run."""
+    import os
+
+    import lora_ft.runs
+
+    run = tmp_path / "run"
+    (run / STAGE).mkdir(parents=True)
+    save_recipe(recipe(), run)
+    _final(run, adapter_config__json="{}", adapter_model__safetensors="old", metrics__json="{}")
+    stage = run / STAGE
+    save_recipe(recipe(), stage)
+    _final(stage, config__json="{}", model__safetensors="new", metrics__json="{}")
+    calls = {"n": 0}
+    real = os.replace
+
+    def flaky(a, b):
+        calls["n"] += 1
+        if calls["n"] == crash_at:
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(lora_ft.runs.os, "replace", flaky)
+    try:
+        replace_final_files(run, stage)
+    except OSError:
+        pass
+    monkeypatch.setattr(lora_ft.runs.os, "replace", real)
+    names = {p.name for p in run.iterdir()}
+    try:
+        require_run_dir(run)
+    except RunDirError as e:
+        assert "cut short" in str(e) or RECIPE_FILE in str(e)
+    else:  # it loads: then wholly the old run or wholly the new one
+        assert names & {"adapter_config.json", "config.json"} in ({"adapter_config.json"}, {"config.json"}), names
+    check_output_dir(run, recipe())
 
 
 def test_interrupted_run_checkpoints_only(tmp_path):
