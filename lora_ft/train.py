@@ -21,7 +21,7 @@ from .modeling import (
 )
 from .runs import METRICS_FILE, STAGE, check_output_dir, replace_final_files, write_json
 from .tasks import auto_class, get_task
-from .trainers import CHECKPOINT_STAGE, RESUME_FILE, stop_callbacks
+from .trainers import CHECKPOINT_STAGE, RESUME_FILE, restore_checkpoints, stop_callbacks
 
 
 def resolve_hardware(recipe: Recipe) -> None:
@@ -74,6 +74,7 @@ def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False
     run_dir = Path(recipe.trainer["output_dir"])
     resolve_hardware(recipe)  # first: the saved recipe it is compared with holds the resolved bf16/use_cpu
     check_output_dir(run_dir, recipe, overwrite)
+    restore_checkpoints(run_dir)
     targs = build_training_args(recipe)
     from transformers import set_seed
 

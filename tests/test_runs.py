@@ -129,3 +129,58 @@ def test_write_json_leaves_no_temp_file(tmp_path):
     assert read_metrics(tmp_path) == {"a": 0.5, "b": [1, 2]}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
     assert read_metrics(tmp_path / "nothing") == {}
+
+
+# ---------------------------------------------------------------- end to end on a tiny model
+
+
+def test_overwrite_with_a_full_finetune_leaves_no_old_adapter(tmp_path, tiny_gpt2, tiny_data, capsys):
+    """LoRA, then the same recipe with use_peft: false: refused without --overwrite; with it, the old adapter goes
+    (every loader prefers an adapter, so one left behind would be used next to the new metrics)."""
+    from conftest import cls_recipe, train_in_process
+    from lora_ft.cli import main
+
+    recipe = cls_recipe(tmp_path / "r.yaml", tiny_gpt2, tiny_data, max_steps=2)
+    run = train_in_process(recipe, tmp_path / "run")
+    assert (run / "adapter_config.json").is_file()
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--output_dir", str(run), "--use_peft", "false"]) == 2
+    assert "use_peft" in capsys.readouterr().err and (run / "adapter_config.json").is_file()
+    train_in_process(recipe, run, "--use_peft", "false", "--overwrite")
+    assert not list(run.glob("adapter_*")) and (run / "model.safetensors").is_file()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_checkpoint_is_never_deleted_before_its_replacement_is_in(tmp_path, tiny_gpt2, tiny_data, monkeypatch, capsys):
+    """A re-run saving checkpoint-2 again, whose rename into place fails: the old checkpoint-2 is still there."""
+    import os
+
+    import lora_ft.trainers
+    from conftest import cls_recipe, train_in_process
+    from lora_ft.cli import main
+
+    recipe = cls_recipe(tmp_path / "r.yaml", tiny_gpt2, tiny_data, max_steps=2, save_strategy="steps", save_steps=2)
+    run = train_in_process(recipe, tmp_path / "run")
+    before = sorted(p.name for p in (run / "checkpoint-2").iterdir())
+    real = os.replace
+
+    def fail_into_place(a, b):
+        if os.path.basename(b) == "checkpoint-2" and os.path.basename(a) == "checkpoint-2":  # staged -> final
+            raise OSError(28, "No space left on device")
+        return real(a, b)
+
+    monkeypatch.setattr(lora_ft.trainers.os, "replace", fail_into_place)
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--output_dir", str(run)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoint-2").iterdir()) == before
+
+
+def test_a_checkpoint_left_aside_by_a_kill_is_put_back(tmp_path):
+    from lora_ft.trainers import ASIDE, CHECKPOINT_STAGE, restore_checkpoints
+
+    aside = tmp_path / CHECKPOINT_STAGE / f"checkpoint-4{ASIDE}"
+    aside.mkdir(parents=True)
+    (aside / "trainer_state.json").write_text("{}")
+    restore_checkpoints(tmp_path)
+    assert (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()
