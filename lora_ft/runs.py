@@ -21,6 +21,7 @@ from .errors import RunDirError
 METRICS_FILE = "metrics.json"
 STAGE = ".saving"  # final files are written here, then moved into the run dir
 PREVIOUS = ".previous"  # the previous run's final files, moved aside while the new ones move in
+LIVE = ".live"  # final files a run appends to while it trains (eval generations): staged with the rest at the end
 # Trainer state and logs, not final files: a resumed run needs its checkpoints, and logs only accumulate.
 NOT_FINAL = ("checkpoint-", "runs", "logs")
 # Recipe keys that do not change what a run produces: a re-run that differs only in these is the same run.
@@ -81,6 +82,26 @@ def recipe_diff(saved: dict, recipe) -> list[tuple[str, object, object]]:
         if saved.get(k) != new.get(k):
             out.append((k, saved.get(k), new.get(k)))
     return out
+
+
+def live_file(output_dir, name: str) -> Path:
+    """Where a file the run appends to during training goes: not among the previous run's final files."""
+    path = Path(output_dir) / LIVE / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def clear_live_files(run_dir: Path) -> None:
+    """A run that starts over (no resume) drops the rows an unfinished earlier run appended."""
+    shutil.rmtree(run_dir / LIVE, ignore_errors=True)
+
+
+def stage_live_files(run_dir: Path, stage: Path) -> None:
+    live = run_dir / LIVE
+    if live.is_dir():
+        for f in live.iterdir():
+            os.replace(f, stage / f.name)
+        live.rmdir()
 
 
 def replace_final_files(run_dir: Path, stage: Path) -> None:

@@ -19,7 +19,7 @@ from .modeling import (
     load_tokenizer,
     new_top_modules,
 )
-from .runs import METRICS_FILE, STAGE, check_output_dir, replace_final_files, write_json
+from .runs import METRICS_FILE, STAGE, check_output_dir, clear_live_files, replace_final_files, stage_live_files, write_json
 from .tasks import auto_class, get_task
 from .trainers import CHECKPOINT_STAGE, RESUME_FILE, restore_checkpoints, stop_callbacks
 
@@ -119,6 +119,8 @@ def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False
     resume = _resume_arg(recipe, run_dir)
     if resume:
         check_resume(Path(resume) if resume is not True else last_checkpoint(run_dir), trainer.resume_info)
+    elif trainer.is_world_process_zero():
+        clear_live_files(run_dir)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except OSError as e:  # a checkpoint write that failed (full disk): the staged half is dropped, the last whole one kept
@@ -160,6 +162,7 @@ def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False
             from .plots import plot_loss_curve
 
             plot_loss_curve(trainer.state.log_history, stage / "loss_curve.png")
+            stage_live_files(run_dir, stage)
             write_json(stage / METRICS_FILE, metrics)  # last: its presence marks a finished run
             replace_final_files(run_dir, stage)
     except OSError as e:
