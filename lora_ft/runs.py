@@ -32,6 +32,9 @@ NON_RUN_KEYS = frozenset({
     "hub_token", "hub_strategy", "hub_private_repo", "include_num_input_tokens_seen",
 })
 
+# Keys a recipe may leave unresolved (value here) that training fills in from the data and saves resolved.
+DERIVED = {"labels": None, "dataset_format": "auto", "use_chat_template": None}
+
 
 def check_output_dir(run_dir: Path, recipe, overwrite: bool = False) -> None:
     """Refuse to write into a folder that holds something else or another recipe's run; the same recipe re-run
@@ -77,8 +80,8 @@ def recipe_diff(saved: dict, recipe) -> list[tuple[str, object, object]]:
     for k in sorted(set(saved) | set(new)):
         if k in NON_RUN_KEYS:
             continue
-        if k == "labels" and new.get(k) is None:
-            continue  # filled in from the data at train time: the saved order is what this recipe also gets
+        if k in DERIVED and new.get(k) == DERIVED[k]:
+            continue  # left to training to fill in from the data: the saved value is what this recipe also gets
         if saved.get(k) != new.get(k):
             out.append((k, saved.get(k), new.get(k)))
     return out

@@ -25,6 +25,9 @@ def test_same_run_may_be_rerun(tmp_path):
     check_output_dir(tmp_path, recipe(lora_r=4))  # resumes or replaces it, as before
     # keys that change no output: logging, reporting, checkpoint cadence
     check_output_dir(tmp_path, recipe(lora_r=4, logging_steps=7, report_to="none", save_total_limit=2))
+    # values training derived from the data and saved, which the re-run leaves to it again
+    save_recipe(recipe(lora_r=4, labels=["b", "a"], use_chat_template=True), tmp_path)
+    check_output_dir(tmp_path, recipe(lora_r=4))
 
 
 @pytest.mark.parametrize("key, value", [("model_name_or_path", "other"), ("dataset_name", "other"),
