@@ -16,6 +16,7 @@ METRIC_KEYS = ("eval_accuracy", "eval_macro_f1", "eval_f1", "eval_exact_match", 
                "train_loss", "train_runtime", "train_samples_per_second", "train_tokens_per_second", "peak_memory_mb", "world_size")
 LOWER_IS_BETTER = ("loss", "perplexity", "runtime", "memory")
 IGNORED_KEYS = ("output_dir", "logging_dir")
+REPORT_MARK = "<!-- written by lora-ft compare -->"  # `compare --output` replaces only files that carry it
 
 
 @dataclass
@@ -160,7 +161,7 @@ def html_report(runs: list[Run]) -> str:
     imgs = "".join(f"<figure><img alt='{esc(n)}' src='data:image/png;base64,{base64.b64encode(b).decode()}'><figcaption>{esc(n)}</figcaption></figure>"
                    for n, b in pngs.items())
     paths = "".join(f"<li><code>{esc(r.name)}</code>: {esc(str(r.path))}</li>" for r in runs)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>lora_ft run comparison</title><style>
+    return f"""<!doctype html>{REPORT_MARK}<html><head><meta charset="utf-8"><title>lora_ft run comparison</title><style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}} th{{background:#f3f3f3}} tr.diff td{{background:#fff3c4}}
 tr.same td{{color:#888}} td.best{{font-weight:bold;background:#dff5df}} figure{{display:inline-block;margin:0 1em 1em 0}}

@@ -11,9 +11,7 @@ Heads and embeddings are never compressed: they are small and the task depends o
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +19,9 @@ from typing import Optional
 
 from .errors import LoraFtError
 from .modeling import HEAD_NAMES
+from .outputs import check_output, output_dir
 from .runs import write_json
+from .trust import NONE, Trust
 
 REPORT = "compress_report"
 
@@ -102,22 +102,23 @@ def _measure(model, tok, recipe, split: Optional[str]) -> dict:
 
 
 def compress(model_dir: str, method: str, eval_dataset: str, output: Optional[str] = None, split: Optional[str] = None,
-             max_samples: Optional[int] = 500) -> dict:
+             max_samples: Optional[int] = 500, overwrite: bool = False, trust: Trust = NONE) -> dict:
     from .inference import load_run
 
     kind, amount, structured = parse_method(method)
     src = Path(model_dir)
     if not (src / "config.json").is_file():
         raise LoraFtError(f"compress: {model_dir} is not a merged model folder (no config.json); run `lora-ft merge` first")
-    model, tok, recipe = load_run(src)
+    out = Path(output) if output else src.parent / f"{src.name}-{method.replace(':', '-')}"
+    mark, what = f"{REPORT}.json", "compress: --output"
+    check_output(out, mark, sources=[src], overwrite=overwrite, what=what)
+    model, tok, recipe = load_run(src, trust)
     data_keys = {"dataset_name": eval_dataset, "max_eval_samples": max_samples}
     recipe = replace(recipe, args=replace(recipe.args, **data_keys))
     before = _measure(model, tok, recipe, split)
     before["size_mb"] = round(_weights_mb(src), 2)
-    out = Path(output) if output else src.parent / f"{src.name}-{method.replace(':', '-')}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent if out.parent.exists() else None))
     extra = {}
-    try:
+    with output_dir(out, mark, sources=[src], overwrite=overwrite, what=what) as tmp:
         if kind == "prune":
             extra["sparsity"] = prune_model(model, amount, structured)
             model.save_pretrained(tmp, safe_serialization=True)
@@ -141,14 +142,8 @@ def compress(model_dir: str, method: str, eval_dataset: str, output: Optional[st
                   "metric_delta": after["metric"] - before["metric"], "size_ratio": after["size_mb"] / max(before["size_mb"], 1e-9)}
         write_json(tmp / f"{REPORT}.json", report)
         (tmp / f"{REPORT}.md").write_text(markdown_table(report), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        report["output"] = str(out)
-        return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    report["output"] = str(out)
+    return report
 
 
 def _nf4(src: Path, recipe, tmp: Path):

@@ -7,41 +7,40 @@ and refuses only a folder that does not reload or loses the classifier head.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from .errors import LoraFtError
+from .outputs import check_output, output_dir
 from .runs import write_json
+from .trust import NONE, Trust
 
 MIN_AGREEMENT = 0.5  # below this the 4-bit model is not the same model any more: refuse
 
 
-def export_bnb4(model_dir: str, output: str, inputs: Optional[list[str]] = None) -> dict:
+def export_bnb4(model_dir: str, output: str, inputs: Optional[list[str]] = None, overwrite: bool = False,
+                trust: Trust = NONE) -> dict:
     import torch
 
     from .compress import _nf4, _weights_mb
-    from .export_onnx import SAMPLE_TEXTS
+    from .export_onnx import REPORT_FILE, SAMPLE_TEXTS
     from .inference import load_run, render_prompt
     from .tasks.classification import render_texts
 
     src = Path(model_dir)
     if not (src / "config.json").is_file():
         raise LoraFtError(f"export: {model_dir} is not a merged model folder (no config.json); run `lora-ft merge` first")
-    model, tok, recipe = load_run(src)
+    check_output(Path(output), REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output")
+    model, tok, recipe = load_run(src, trust)
     texts = inputs or SAMPLE_TEXTS
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with output_dir(output, REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output") as tmp:
         _nf4(src, recipe, tmp)
         tok.save_pretrained(tmp)
         for name in ("lora_ft_recipe.yaml", "generation_config.json", "merge_report.json"):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        reloaded, _, _ = load_run(tmp)  # exactly what a user gets from the folder
+        reloaded, _, _ = load_run(tmp, trust)  # exactly what a user gets from the folder
         quantized = sum(1 for m in reloaded.modules() if type(m).__name__ == "Linear4bit")
         with torch.no_grad():
             if recipe.args.task == "sequence-classification":
@@ -67,12 +66,6 @@ def export_bnb4(model_dir: str, output: str, inputs: Optional[list[str]] = None)
                   "verified": quantized > 0 and agree >= MIN_AGREEMENT}
         if not report["verified"]:
             raise LoraFtError(f"export --format bnb4: the reloaded 4-bit model disagrees with the original ({check}); nothing written")
-        write_json(tmp / "export_report.json", report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / REPORT_FILE, report)
+    return report
 

@@ -9,12 +9,12 @@ source model's tokenization, logits and greedy tokens; otherwise nothing is writ
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import LoraFtError
+from .outputs import check_output, output_file
+
+MARK_KEY = "general.lora_ft"
 
 SUPPORTED_TYPES = ("llama",)
 QUANTS = ("f16", "q8_0")
@@ -159,6 +159,7 @@ def _write(model, tok, path: Path, quant: str, name: str) -> dict:
     rope = getattr(c, "rope_parameters", None) or {}
     n_vocab = model.get_input_embeddings().weight.shape[0]
     w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string(MARK_KEY, "lora-ft export")  # first: `export` replaces only files it finds this in
     theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
     for key, value in (("name", name), ("context_length", c.max_position_embeddings), ("embedding_length", c.hidden_size),
                        ("block_count", c.num_hidden_layers), ("feed_forward_length", c.intermediate_size),
@@ -242,7 +243,7 @@ def _verify(model, tok, folder: Path, file: str, quant: str) -> dict:
     return check
 
 
-def export_gguf(model_dir: str, output: str, quant: str = "f16") -> dict:
+def export_gguf(model_dir: str, output: str, quant: str = "f16", overwrite: bool = False) -> dict:
     """Write `output` (a .gguf file) from the HF folder `model_dir`; returns the report. Raises LoraFtError."""
     _check_source(model_dir, quant)
     import torch
@@ -251,25 +252,31 @@ def export_gguf(model_dir: str, output: str, quant: str = "f16") -> dict:
     out = Path(output)
     if out.is_dir():
         raise LoraFtError(f"export: --output {output} is a folder; give a file name such as model.gguf")
+    check_output(out, gguf_by_lora_ft, sources=[Path(model_dir)], overwrite=overwrite, what="export: --output", folder=False)
     tok = AutoTokenizer.from_pretrained(model_dir)
     if getattr(tok, "backend_tokenizer", None) is None:
         raise LoraFtError(f"export: {model_dir} has no fast (tokenizer.json) tokenizer to describe in GGUF")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     _check_config(model.config)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # A private folder beside the output: the same filesystem for an atomic rename, and nothing else in it, so
     # the read-back cannot pick up a tokenizer.json or config.json that happens to sit next to the output.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with output_file(out, gguf_by_lora_ft, sources=[Path(model_dir)], overwrite=overwrite, what="export: --output") as path:
         report = {"model_dir": str(model_dir), "output": str(out), "quant": quant}
-        report.update(_write(model, tok, tmp / "model.gguf", quant, Path(model_dir).resolve().name))
-        report["size_bytes"] = (tmp / "model.gguf").stat().st_size
+        report.update(_write(model, tok, path, quant, Path(model_dir).resolve().name))
+        report["size_bytes"] = path.stat().st_size
         report["size_mb"] = round(report["size_bytes"] / 2**20, 1)
-        report["verification"] = _verify(model, tok, tmp, "model.gguf", quant)
+        report["verification"] = _verify(model, tok, path.parent, path.name, quant)
         report["verified"] = not report["verification"]["problems"]
         if not report["verified"]:
             raise LoraFtError(f"export: the GGUF file read back does not match {model_dir} ({'; '.join(report['verification']['problems'])}); nothing written")
-        os.replace(tmp / "model.gguf", out)
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def gguf_by_lora_ft(path: Path) -> bool:
+    """A GGUF file lora_ft wrote: its metadata, near the top (written first), names lora_ft (MARK_KEY)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"GGUF") and MARK_KEY.encode() in head

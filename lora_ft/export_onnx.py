@@ -8,14 +8,16 @@ torch's own greedy generation.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from .errors import LoraFtError
+from .outputs import check_output, output_dir
 from .runs import write_json
+from .trust import NONE, Trust
+
+REPORT_FILE = "export_report.json"
 
 SAMPLE_TEXTS = [
     "what a great day",
@@ -134,22 +136,21 @@ def _seq2seq(model, tok, tmp: Path, texts: list[str], max_new_tokens: int = 16) 
     return {"files": ["encoder.onnx", "decoder.onnx"], "greedy_token_agreement": same / len(texts), "max_abs_logit_diff": max(diffs)}
 
 
-def export_onnx(model_dir: str, output: str, inputs: Optional[list[str]] = None) -> dict:
+def export_onnx(model_dir: str, output: str, inputs: Optional[list[str]] = None, overwrite: bool = False,
+                trust: Trust = NONE) -> dict:
     from .inference import load_run
 
     src = Path(model_dir)
     if not (src / "config.json").is_file():
         raise LoraFtError(f"export: {model_dir} is not a merged model folder (no config.json); run `lora-ft merge` first")
-    model, tok, recipe = load_run(src)
+    check_output(Path(output), REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output")
+    model, tok, recipe = load_run(src, trust)
     model = model.float().eval()
     task = recipe.args.task
     if task == "causal-lm":
         raise LoraFtError("export --format onnx: causal LMs are exported with --format gguf; onnx covers classification and seq2seq")
     texts = inputs or SAMPLE_TEXTS
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with output_dir(output, REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output") as tmp:
         check = _classification(model, tok, tmp, texts) if task == "sequence-classification" else _seq2seq(model, tok, tmp, texts)
         ok = check.get("argmax_agreement", check.get("greedy_token_agreement")) == 1.0 and check.get("max_abs_logit_diff", 0.0) < 1e-3
         report = {"source": str(src), "format": "onnx", "task": task, "opset": OPSET, "n_inputs": len(texts), **check, "verified": ok}
@@ -160,11 +161,5 @@ def export_onnx(model_dir: str, output: str, inputs: Optional[list[str]] = None)
         for name in ("lora_ft_recipe.yaml", "merge_report.json"):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        write_json(tmp / "export_report.json", report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / REPORT_FILE, report)
+    return report

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,9 +27,11 @@ from .config import OUR_FIELDS, RECIPE_FILE, read_recipe_file
 from .errors import LoraFtError
 from .merge import REPORT_FILE
 from .runs import METRICS_FILE
-from .security import redact, redact_text
+from .outputs import check_output, output_dir
+from .security import portable, redact, redact_text
 
 CARD_FILE = "README.md"
+CARD_MARK = "and published with `lora-ft push`"  # in every card stage() writes: how --output knows a staging of ours
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -174,7 +175,7 @@ def _source_run(source: Path, report: dict) -> Optional[Path]:
 
 
 def stage(source: str | os.PathLike, output: str | os.PathLike, repo_id: str, *, revision: str = "main",
-          base_model: Optional[str] = None, token: Optional[str] = None, link: bool = False) -> dict:
+          base_model: Optional[str] = None, token: Optional[str] = None, link: bool = False, overwrite: bool = False) -> dict:
     """Write the folder a push uploads into `output` (atomically) and return its manifest.
 
     base_model: the Hub id of the base, for runs trained from a local folder (builtin:NAME and Hub ids resolve
@@ -185,7 +186,7 @@ def stage(source: str | os.PathLike, output: str | os.PathLike, repo_id: str, *,
     kind = detect(src)
     check_repo_id(repo_id)
     out = Path(output)
-    _check_output(src, out)
+    check_output(out, _is_staged, sources=[src], overwrite=overwrite, what="push: --output")
     recipe = _recipe(src)
     warnings: list[str] = []
     base = base_model or hub_id_of(recipe.get("model_name_or_path"))
@@ -205,9 +206,8 @@ def stage(source: str | os.PathLike, output: str | os.PathLike, repo_id: str, *,
     if report is not None and metrics_dir is None:
         metrics_dir = _source_run(src, report)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    recipe = portable(recipe)  # the base's Hub id is settled above; from here on no local path is written
+    with output_dir(out, _is_staged, sources=[src], overwrite=overwrite, what="push: --output") as tmp:
         copy = _link_or_copy if link else shutil.copyfile
         for name in keep:
             copy(src / name, tmp / name)
@@ -216,17 +216,19 @@ def stage(source: str | os.PathLike, output: str | os.PathLike, repo_id: str, *,
             cfg = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
             cfg["base_model_name_or_path"] = base  # the local path it was trained from means nothing elsewhere
             _write_json(tmp / "adapter_config.json", cfg)
-        body = yaml.safe_dump(redact(read_recipe_file(src / RECIPE_FILE)), sort_keys=False, allow_unicode=True)
+        body = yaml.safe_dump(portable(redact(read_recipe_file(src / RECIPE_FILE))), sort_keys=False, allow_unicode=True)
         (tmp / RECIPE_FILE).write_text(f"# resolved by lora_ft; secrets redacted by `lora-ft push`\n{body}", encoding="utf-8")
         metrics = {}
         if metrics_dir is not None:
             metrics = json.loads((metrics_dir / METRICS_FILE).read_text(encoding="utf-8"))
-            _write_json(tmp / METRICS_FILE, redact(metrics))
+            metrics = portable(redact(metrics))
+            _write_json(tmp / METRICS_FILE, metrics)
             if metrics_dir != src:  # a merged folder: the plots of the run it came from
                 for png in sorted(metrics_dir.glob("*.png")):
                     copy(png, tmp / png.name)
         if report is not None:
-            _write_json(tmp / REPORT_FILE, redact(report))
+            report = portable(redact(report))
+            _write_json(tmp / REPORT_FILE, report)
         files = sorted(p.name for p in tmp.iterdir()) + [CARD_FILE]
         card = model_card(kind=kind, repo_id=repo_id, revision=revision, recipe=recipe, base=base, metrics=metrics,
                           report=report, files=files, chat=_uses_chat(recipe, tmp),
@@ -234,27 +236,18 @@ def stage(source: str | os.PathLike, output: str | os.PathLike, repo_id: str, *,
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         if token:
             _check_no_token(tmp, token)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"source": str(src), "kind": kind, "repo_id": repo_id, "revision": revision, "base_model": base,
             "staged": str(out), "files": sorted(p.name for p in out.iterdir()), "skipped": skipped, "warnings": warnings}
 
 
-def _check_output(src: Path, out: Path) -> None:
-    s, o = src.resolve(), out.resolve()
-    if o == s or s in o.parents or o in s.parents:
-        raise LoraFtError(f"push: --output {out} overlaps the source folder {src}; choose a separate folder")
-    if out.exists():
-        if not out.is_dir():
-            raise LoraFtError(f"push: --output {out} is a file; choose a folder path")
-        entries = list(out.iterdir())
-        ours = (out / CARD_FILE).is_file() and (out / RECIPE_FILE).is_file() and not any(p.is_dir() for p in entries)
-        if entries and not ours:
-            raise LoraFtError(f"push: --output {out} is not empty and is not a staged push; choose a new folder")
+def _is_staged(out: Path) -> bool:
+    """A folder `stage` wrote: lora_ft's model card and recipe, no subfolders (a run dir has peft's card instead)."""
+    card = out / CARD_FILE
+    try:
+        ours = CARD_MARK in card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return ours and (out / RECIPE_FILE).is_file() and not any(p.is_dir() for p in out.iterdir())
 
 
 def _write_json(path: Path, obj) -> None:
@@ -322,8 +315,7 @@ def model_card(*, kind: str, repo_id: str, revision: str, recipe: dict, base: Op
             MODEL: "A fully fine-tuned model"}[kind]
     base_txt = _link(base) if base else f"`{recipe.get('model_name_or_path')}` (a local folder)"
     lines = [f"---\n{front}---", "", f"# {repo_id.split('/')[-1]}", "",
-             f"{what} for {task} on top of {base_txt}, trained with lora_ft (`lora-ft train`) and published with "
-             "`lora-ft push`.", ""]
+             f"{what} for {task} on top of {base_txt}, trained with lora_ft (`lora-ft train`) {CARD_MARK}.", ""]
     lines += [f"- **Task:** {task}", f"- **Base model:** {base_txt}"]
     if str(recipe.get("model_name_or_path", "")).startswith(PREFIX):
         lines.append(f"- **Trained from:** `{recipe['model_name_or_path']}` (lora_ft's offline copy of {_link(base) if base else 'the base'})")

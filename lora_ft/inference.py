@@ -8,10 +8,13 @@ from typing import Iterable, Optional
 from .config import Recipe, load_run_recipe
 from .errors import DataError
 from .runs import require_run_dir
+from .trust import NONE, Trust, granted
 
 
-def load_run(run_dir: str | Path):
-    """(model in eval mode, tokenizer, recipe) for a run dir: base model + adapter, or a full model."""
+def load_run(run_dir: str | Path, trust: Trust = NONE):
+    """(model in eval mode, tokenizer, recipe) for a run dir: base model + adapter, or a full model.
+
+    trust: the command line's --trust-remote-code / --allow-pickle; the run dir's own recipe never grants them."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -20,7 +23,7 @@ def load_run(run_dir: str | Path):
     from .tasks import auto_class, get_task
 
     p = require_run_dir(run_dir)
-    recipe = load_run_recipe(p)
+    recipe = granted(load_run_recipe(p), trust, p)
     a = recipe.args
     task = get_task(a.task)
     tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=a.trust_remote_code)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from .data import _read_file, _split_files, apply_column_map, load_splits
 from .errors import DataError
+from .outputs import PNG_METADATA, check_output, output_file, png_by_lora_ft
 
 TEXT_GUESSES = ("text", "sentence", "review", "content", "prompt", "question", "instruction")
 LABEL_GUESSES = ("label", "labels", "sentiment", "label_text", "category", "class")
@@ -40,7 +41,10 @@ def percentile(sorted_vals: list[int], q: float) -> int:
 
 
 def inspect(dataset: str, text_column: Optional[str] = None, label_column: Optional[str] = None,
-            column_map: Optional[dict] = None, tokenizer=None, histogram: Optional[Path] = None) -> dict:
+            column_map: Optional[dict] = None, tokenizer=None, histogram: Optional[Path] = None, overwrite: bool = False) -> dict:
+    if histogram is not None:  # before any reading: a refused output costs nothing
+        check_output(Path(histogram), png_by_lora_ft, sources=[Path(dataset)], overwrite=overwrite,
+                     what="data inspect: --histogram", folder=False)
     splits = {k: apply_column_map(v, column_map or {}, k) for k, v in _splits(dataset).items()}
     first = next(iter(splits.values()))
     text_column = text_column or _guess(first.column_names, TEXT_GUESSES)
@@ -68,7 +72,8 @@ def inspect(dataset: str, text_column: Optional[str] = None, label_column: Optio
         report["tokens"] = {"split": train_name, **{f"p{q}": percentile(lengths, q) for q in (50, 90, 95, 99)},
                             "max": lengths[-1] if lengths else 0, "suggested_max_length": _round_up(percentile(lengths, 99))}
         if histogram is not None and lengths:
-            _plot_lengths(lengths, report["tokens"]["suggested_max_length"], histogram)
+            with output_file(histogram, png_by_lora_ft, sources=[Path(dataset)], overwrite=overwrite, what="data inspect: --histogram") as tmp:
+                _plot_lengths(lengths, report["tokens"]["suggested_max_length"], tmp)
             report["tokens"]["histogram"] = str(histogram)
     return report
 
@@ -89,7 +94,7 @@ def _plot_lengths(lengths: list[int], cut: int, path: Path) -> None:
     ax.set(xlabel="tokens per row", ylabel="rows", title="Token lengths (train)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png", metadata=PNG_METADATA)
     plt.close(fig)
 
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 from .config import RECIPE_FILE, load_run_recipe
 from .errors import LoraFtError
+from .outputs import check_output, output_dir
 from .runs import require_run_dir, write_json
+from .trust import NONE, Trust, granted
 
 REPORT_FILE = "merge_report.json"
 N_VERIFY = 64
@@ -91,7 +91,7 @@ def _load(run_dir: Path, recipe, dtype: str, quantized: bool):
     extra = task.label_kwargs(a.labels) if a.labels and hasattr(task, "label_kwargs") else {}
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(run_dir))
+    tok = AutoTokenizer.from_pretrained(str(run_dir), trust_remote_code=a.trust_remote_code)
     model, _ = load_model(args, auto_class(task), training=False, **extra)
     task.setup_model(model, tok)
     model = PeftModel.from_pretrained(model, str(run_dir))
@@ -138,15 +138,16 @@ def _metric(logits, refs, labels, task: str) -> Optional[float]:
 
 
 def merge_run(run_dir: str, output: str, dtype: str = "float32", force: bool = False,
-              inputs: Optional[list[str]] = None) -> dict:
+              inputs: Optional[list[str]] = None, overwrite: bool = False, trust: Trust = NONE) -> dict:
     run = require_run_dir(run_dir)
     if not (run / "adapter_config.json").is_file():
         raise LoraFtError(f"merge: {run_dir} holds a full model (use_peft: false); there is nothing to merge")
     _check_dtype(dtype)
-    recipe = load_run_recipe(run)
+    out = Path(output)
+    check_output(out, REPORT_FILE, sources=[run], overwrite=overwrite, what="merge: --output")  # before any weights load
+    recipe = granted(load_run_recipe(run), trust, run)
     a = recipe.args
     texts, refs = verification_inputs(run, a.task, inputs)
-    out = Path(output)
     fp = _fingerprint(run, dtype, texts)
     if _up_to_date(out, fp, force):
         report = json.loads((out / REPORT_FILE).read_text())
@@ -189,38 +190,27 @@ def merge_run(run_dir: str, output: str, dtype: str = "float32", force: bool = F
     report["status"] = "ok" if not problems else ("forced" if force else "failed")
     if problems and not force:
         raise MergeCheckFailed(f"merge: verification failed ({'; '.join(problems)}); nothing written. See the numbers with --force --output elsewhere")
-    _save_atomically(merged, tok, run, out, report)
+    _save_atomically(merged, tok, [run], out, report, overwrite)
     return report
 
 
-def _save_atomically(model, tok, run: Path, out: Path, report: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+def _save_atomically(model, tok, runs: list[Path], out: Path, report: dict, overwrite: bool) -> None:
+    with output_dir(out, REPORT_FILE, sources=runs, overwrite=overwrite, what="merge: --output") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         gc = getattr(model, "generation_config", None)
         if gc is not None and getattr(model, "can_generate", lambda: False)():
             gc.save_pretrained(tmp)
-        shutil.copy2(run / RECIPE_FILE, tmp / RECIPE_FILE)  # provenance: the recipe that trained it
+        shutil.copy2(runs[0] / RECIPE_FILE, tmp / RECIPE_FILE)  # provenance: the recipe that trained it
         write_json(tmp / REPORT_FILE, report)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-            os.replace(out, trash / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 def merge_many(run_dirs: list[str], output: str, combination: str = "linear", weights: Optional[list[float]] = None,
-               density: float = 0.5, dtype: str = "float32", force: bool = False, inputs: Optional[list[str]] = None) -> dict:
+               density: float = 0.5, dtype: str = "float32", force: bool = False, inputs: Optional[list[str]] = None,
+               overwrite: bool = False, trust: Trust = NONE) -> dict:
     """Combine several adapters trained on the same base (peft add_weighted_adapter), then merge and verify.
 
     Only generating tasks: classification runs each carry their own trained head, which no weighting can combine.
@@ -230,7 +220,8 @@ def merge_many(run_dirs: list[str], output: str, combination: str = "linear", we
         raise LoraFtError(f"merge: --combination {combination} is not one of {', '.join(COMBINATIONS)}")
     _check_dtype(dtype)
     runs = [require_run_dir(r) for r in run_dirs]
-    recipes = [load_run_recipe(r) for r in runs]
+    check_output(Path(output), REPORT_FILE, sources=runs, overwrite=overwrite, what="merge: --output")
+    recipes = [granted(load_run_recipe(r), trust, r) for r in runs]
     a = recipes[0].args
     if any(r.args.model_name_or_path != a.model_name_or_path or r.args.task != a.task for r in recipes):
         raise LoraFtError("merge: the runs differ in base model or task; only adapters of one base combine")
@@ -270,5 +261,5 @@ def merge_many(run_dirs: list[str], output: str, combination: str = "linear", we
               "problems": problems, "status": "ok" if not problems else ("forced" if force else "failed")}
     if problems and not force:
         raise MergeCheckFailed(f"merge: verification failed ({'; '.join(problems)}); nothing written")
-    _save_atomically(merged, tok, runs[0], Path(output), report)
+    _save_atomically(merged, tok, runs, Path(output), report, overwrite)
     return report

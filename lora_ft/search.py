@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoraFtError, RecipeError
+from .outputs import check_output
+from .runs import write_json
+
+SEARCH_DB = "search.db"
 
 # One home for the fallback spaces; shipped recipes name their own with `search_space:`.
 DEFAULT_SPACES = {
@@ -96,7 +100,7 @@ def pruning_callback(trial, metric: str):
 
 
 def run_search(raw: dict, parent: Path, n_trials: int, space: str | None, metric: str | None, direction: str | None,
-               seed: int = 0, log=print) -> dict:
+               seed: int = 0, log=print, overwrite: bool = False) -> dict:
     import optuna
 
     from .config import resolve, save_recipe
@@ -111,9 +115,12 @@ def run_search(raw: dict, parent: Path, n_trials: int, space: str | None, metric
         resolve({**raw, p.key: p.args[0]})
     if not base.args.eval_split:
         raise RecipeError(["search: the recipe has eval_split: none; trials are compared on eval metrics"])
+    data = Path(str(base.args.dataset_name or ""))
+    # A search folder is resumed in place (its study lives in search.db), so it is checked, not swapped.
+    check_output(parent, SEARCH_DB, sources=[data] if data.exists() else [], overwrite=overwrite, what="search: output_dir")
     parent.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{parent / 'search.db'}"
+    storage = f"sqlite:///{parent / SEARCH_DB}"
     study = optuna.create_study(study_name="lora_ft", storage=storage, load_if_exists=True, direction=direction,
                                 sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, n_trials)),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
@@ -154,7 +161,7 @@ def run_search(raw: dict, parent: Path, n_trials: int, space: str | None, metric
     summary = {"metric": metric, "direction": direction, "best_trial": best.number, "best_value": best.value, "best_params": best.params,
                "trials": [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                            "run_dir": str(parent / f"trial-{t.number:03d}")} for t in study.trials]}
-    (parent / "search_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(parent / "search_summary.json", summary)
     (parent / "best_recipe.yaml").write_text((parent / "best_recipe.yaml").read_text() + "\n# best of " +
                                              f"{len(study.trials)} trials: {metric}={best.value:.4f}\n")
     return summary

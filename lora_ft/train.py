@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 import time
@@ -20,9 +19,9 @@ from .modeling import (
     load_tokenizer,
     new_top_modules,
 )
-from .runs import METRICS_FILE, STAGE, check_output_dir, write_json
+from .runs import METRICS_FILE, STAGE, check_output_dir, clear_live_files, replace_final_files, stage_live_files, write_json
 from .tasks import auto_class, get_task
-from .trainers import CHECKPOINT_STAGE, RESUME_FILE, stop_callbacks
+from .trainers import CHECKPOINT_STAGE, RESUME_FILE, restore_checkpoints, stop_callbacks
 
 
 def resolve_hardware(recipe: Recipe) -> None:
@@ -67,13 +66,15 @@ def _stop_on_failures(checks, targs) -> None:
         raise LoraFtError(f"{failed[0].name}: {failed[0].detail} (`lora-ft doctor RECIPE` lists every check)")
 
 
-def train(recipe: Recipe, callbacks: list | None = None) -> Path:
-    """callbacks: extra transformers TrainerCallbacks (the hyperparameter search reports and prunes through one)."""
+def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False) -> Path:
+    """callbacks: extra transformers TrainerCallbacks (the hyperparameter search reports and prunes through one).
+    overwrite: replace a run of another recipe in output_dir (else refused)."""
     a = recipe.args
     task = get_task(a.task)
     run_dir = Path(recipe.trainer["output_dir"])
-    check_output_dir(run_dir, recipe)
-    resolve_hardware(recipe)
+    resolve_hardware(recipe)  # first: the saved recipe it is compared with holds the resolved bf16/use_cpu
+    check_output_dir(run_dir, recipe, overwrite)
+    restore_checkpoints(run_dir)
     targs = build_training_args(recipe)
     from transformers import set_seed
 
@@ -118,6 +119,8 @@ def train(recipe: Recipe, callbacks: list | None = None) -> Path:
     resume = _resume_arg(recipe, run_dir)
     if resume:
         check_resume(Path(resume) if resume is not True else last_checkpoint(run_dir), trainer.resume_info)
+    elif trainer.is_world_process_zero():
+        clear_live_files(run_dir)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except OSError as e:  # a checkpoint write that failed (full disk): the staged half is dropped, the last whole one kept
@@ -159,15 +162,13 @@ def train(recipe: Recipe, callbacks: list | None = None) -> Path:
             from .plots import plot_loss_curve
 
             plot_loss_curve(trainer.state.log_history, stage / "loss_curve.png")
+            stage_live_files(run_dir, stage)
             write_json(stage / METRICS_FILE, metrics)  # last: its presence marks a finished run
-            for f in sorted(stage.iterdir(), key=lambda f: f.name == METRICS_FILE):
-                os.replace(f, run_dir / f.name)
-            stage.rmdir()
+            replace_final_files(run_dir, stage)
     except OSError as e:
-        if trainer.is_world_process_zero():
-            shutil.rmtree(stage, ignore_errors=True)
-        raise LoraFtError(f"output_dir {run_dir}: saving the run failed ({e.strerror or e}); free disk space and rerun "
-                          "(checkpoints are kept: --resume_from_checkpoint true)") from None
+        # The staged files stay where they are: they may be all that is left of this run's final weights.
+        raise LoraFtError(f"output_dir {run_dir}: saving the run failed ({e.strerror or e}); what was saved is kept in "
+                          f"{stage}; free disk space and rerun (checkpoints are kept: --resume_from_checkpoint true)") from None
     if trainer.is_world_process_zero():
         summary = {k: metrics[k] for k in metrics if k.startswith("eval_") and isinstance(metrics[k], float)}
         log(targs, f"saved run dir {run_dir}  " + "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))

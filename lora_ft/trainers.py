@@ -12,6 +12,7 @@ import signal
 from . import upstream
 
 CHECKPOINT_STAGE = ".checkpoint-stage"  # a checkpoint is written here whole, then renamed into place
+ASIDE = ".old"  # suffix of a checkpoint moved into CHECKPOINT_STAGE while its replacement is renamed in
 RESUME_FILE = "lora_ft_resume.json"  # in each checkpoint: the recipe identity and data fingerprint it was trained with
 
 
@@ -90,8 +91,17 @@ def lora_ft_trainer(trainer_cls):
                     with open(os.path.join(staged, RESUME_FILE), "w", encoding="utf-8") as fh:
                         json.dump(self.resume_info, fh, indent=2)
                 final = os.path.join(run_dir, name)
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(staged, final)
+                # An older checkpoint-N (a re-run saving the same step) goes aside, not away: until the rename
+                # below, it is the only whole copy of that step. A kill in between: restore_checkpoints() puts it back.
+                aside = os.path.join(stage, name + ASIDE)
+                if os.path.exists(final):
+                    os.replace(final, aside)
+                try:
+                    os.replace(staged, final)
+                except OSError:
+                    if os.path.exists(aside):
+                        os.replace(aside, final)
+                    raise
                 shutil.rmtree(stage, ignore_errors=True)
                 if self.state.best_global_step:
                     best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
@@ -122,6 +132,17 @@ def _without_length_grouping(cls):
             self.args.train_sampling_strategy = "random"
 
     return __init__
+
+
+def restore_checkpoints(run_dir) -> None:
+    """Put back a checkpoint-N left aside by a run killed between the two renames of a checkpoint save."""
+    stage = os.path.join(run_dir, CHECKPOINT_STAGE)
+    if not os.path.isdir(stage):
+        return
+    for entry in os.listdir(stage):
+        final = os.path.join(run_dir, entry[: -len(ASIDE)])
+        if entry.endswith(ASIDE) and not os.path.exists(final):
+            os.replace(os.path.join(stage, entry), final)
 
 
 def mean_loss(trainer):

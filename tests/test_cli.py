@@ -358,7 +358,8 @@ def test_eval_column_flags_win_over_the_recipe_column_map(tiny_bert, tiny_data, 
 
 
 def test_disk_full_while_saving_leaves_no_half_run(tmp_path, good_recipe, capsys, monkeypatch):
-    """A save that fails (ENOSPC) ends in exit 2 and one line; the run dir holds no adapter, metrics or staging folder."""
+    """A save that fails (ENOSPC) ends in exit 2 and one line; the run dir holds no adapter or metrics, and the
+    staged files are kept where the message says (they may be the only copy of the final weights)."""
     import errno
 
     import lora_ft.train
@@ -373,7 +374,8 @@ def test_disk_full_while_saving_leaves_no_half_run(tmp_path, good_recipe, capsys
     err = capsys.readouterr().err
     assert rc == 2 and "No space left on device" in err and "Traceback" not in err
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    assert not [n for n in left if not n.startswith(("checkpoint-", "runs"))], left
+    assert not [n for n in left if not n.startswith(("checkpoint-", "runs", ".saving"))], left
+    assert f"kept in {out / '.saving'}" in err and (out / ".saving" / "adapter_model.safetensors").is_file()
 
 
 def test_texts_far_beyond_max_length_are_cut_not_fatal(tmp_path, tiny_gpt2, tiny_data, capsys):
@@ -383,3 +385,129 @@ def test_texts_far_beyond_max_length_are_cut_not_fatal(tmp_path, tiny_gpt2, tiny
     write_csv(data / "train.csv", rows)
     recipe = cls_recipe(tmp_path / "r.yaml", tiny_gpt2, data, max_steps=1, eval_split="none")
     assert main(["train", str(recipe), "--output_dir", str(tmp_path / "run")]) == 0
+
+
+# ---------------------------------------------------------------- refusals: outputs, run dirs, trust (exit 2, one line, nothing changed)
+
+
+def _foreign(path, file=False):
+    """Something the user made that lora_ft must not replace."""
+    if file:
+        path.write_text("mine")
+    else:
+        path.mkdir()
+        (path / "thesis.tex").write_text("mine")
+    return path
+
+
+def _model_folder(path, model_type="bert"):
+    """Enough of a merged folder for the checks that run before any weights load."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return path
+
+
+def _run_asking(src, tmp_path, key):
+    """A copy of a trained run whose saved recipe asks for `key: true` (a shared or downloaded run dir)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / f"shared-{key}"
+    shutil.copytree(src, run)
+    recipe = yaml.safe_load((run / "lora_ft_recipe.yaml").read_text())
+    recipe[key] = True
+    (run / "lora_ft_recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return run
+
+
+def refusal_case(name, tmp_path, gpt2_run, tiny_gpt2, tiny_data):
+    """(argv, substrings the error must name, the path that must stay as it was)."""
+    run = str(gpt2_run.run_dir)
+    if name == "merge_into_its_run":
+        return ["merge", run, "--output", run], ["--output", "overlaps", run], gpt2_run.run_dir
+    if name == "merge_into_runs_parent":
+        parent = gpt2_run.run_dir.parent
+        return ["merge", run, "--output", str(parent)], ["overlaps"], parent
+    if name == "merge_over_foreign":
+        out = _foreign(tmp_path / "home")
+        return ["merge", run, "--output", str(out)], [str(out), "merge_report.json", "--overwrite"], out
+    if name == "export_onnx_over_foreign":
+        src, out = _model_folder(tmp_path / "merged"), _foreign(tmp_path / "onnx")
+        return ["export", str(src), "--format", "onnx", "--output", str(out)], [str(out), "--overwrite"], out
+    if name == "export_bnb4_into_source":
+        src = _model_folder(tmp_path / "merged")
+        return ["export", str(src), "--format", "bnb4", "--output", str(src / "q")], ["overlaps"], src
+    if name == "export_gguf_over_foreign_file":
+        src, out = _model_folder(tmp_path / "merged", "llama"), _foreign(tmp_path / "notes.gguf", file=True)
+        return ["export", str(src), "--format", "gguf", "--output", str(out)], [str(out), "--overwrite"], out
+    if name == "compress_over_foreign":
+        src, out = _model_folder(tmp_path / "merged"), _foreign(tmp_path / "small")
+        return ["compress", str(src), "--method", "int8", "--eval-dataset", str(tiny_data), "--output", str(out)], \
+            [str(out), "compress_report.json", "--overwrite"], out
+    if name == "push_dry_run_over_foreign":
+        out = _foreign(tmp_path / "staged")
+        return ["push", run, "--repo-id", "me/x", "--dry-run", "--output", str(out)], [str(out), "--overwrite"], out
+    if name == "inspect_png_over_foreign":
+        out = _foreign(tmp_path / "photo.png", file=True)
+        return ["data", "inspect", str(tiny_data), "--model_name_or_path", str(tiny_gpt2), "--histogram", str(out)], \
+            ["--histogram", str(out), "--overwrite"], out
+    if name == "search_into_foreign":
+        out = _foreign(tmp_path / "docs")
+        recipe = cls_recipe(tmp_path / "r.yaml", tiny_gpt2, tiny_data)
+        return ["search", str(recipe), "--n-trials", "1", "--output_dir", str(out)], ["search.db", "--overwrite"], out
+    if name == "compare_over_foreign":
+        out = _foreign(tmp_path / "report.html", file=True)
+        return ["compare", run, "--output", str(out)], [str(out), "--overwrite"], out
+    if name == "train_other_recipe":
+        return ["train", str(gpt2_run.recipe), "--output_dir", run, "--learning_rate", "0.5"], \
+            ["learning_rate", "--overwrite"], gpt2_run.run_dir
+    if name == "predict_recipe_asks_remote_code":
+        shared = _run_asking(gpt2_run.run_dir, tmp_path, "trust_remote_code")
+        return ["predict", str(shared), "--text", "x"], ["trust_remote_code", "--trust-remote-code"], shared
+    if name == "merge_recipe_asks_pickle":
+        shared = _run_asking(gpt2_run.run_dir, tmp_path, "allow_pickle")
+        out = tmp_path / "merged-out"
+        return ["merge", str(shared), "--output", str(out)], ["allow_pickle", "--allow-pickle"], shared
+    if name == "serve_recipe_asks_remote_code":
+        shared = _run_asking(gpt2_run.run_dir, tmp_path, "trust_remote_code")
+        return ["serve", str(shared)], ["trust_remote_code", "--trust-remote-code"], shared
+    raise AssertionError(name)
+
+
+REFUSALS = ["merge_into_its_run", "merge_into_runs_parent", "merge_over_foreign", "export_onnx_over_foreign",
+            "export_bnb4_into_source", "export_gguf_over_foreign_file", "compress_over_foreign", "push_dry_run_over_foreign",
+            "inspect_png_over_foreign", "search_into_foreign", "compare_over_foreign", "train_other_recipe",
+            "predict_recipe_asks_remote_code", "merge_recipe_asks_pickle", "serve_recipe_asks_remote_code"]
+
+
+def _snapshot(path):
+    if path.is_file():
+        return path.read_bytes()
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_refusals_are_one_line_and_change_nothing(name, tmp_path, gpt2_run, tiny_gpt2, tiny_data, capsys):
+    argv, culprits, kept = refusal_case(name, tmp_path, gpt2_run, tiny_gpt2, tiny_data)
+    before = _snapshot(kept)
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lora-ft: error: ") and "Traceback" not in err, err
+    for c in culprits:
+        assert c in err, f"{c!r} not named in: {err}"
+    assert _snapshot(kept) == before
+
+
+def test_trust_flags_come_from_the_command_line(gpt2_run, tmp_path, capsys):
+    """The flag the recipe asked for, given by the user, loads the run; predictions are the run's own."""
+    assert main(["predict", str(gpt2_run.run_dir), "--text", "a sunny day"]) == 0
+    expected = capsys.readouterr().out
+    shared = _run_asking(gpt2_run.run_dir, tmp_path, "allow_pickle")
+    assert main(["predict", str(shared), "--text", "a sunny day"]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main(["predict", str(shared), "--text", "a sunny day", "--allow-pickle"]) == 0
+    assert capsys.readouterr().out == expected

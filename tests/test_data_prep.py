@@ -42,6 +42,9 @@ def test_inspect_counts(known, tiny_gpt2, tmp_path, capsys):
     t = r["tokens"]
     assert t["p50"] <= t["p90"] <= t["p99"] <= t["max"] and t["suggested_max_length"] >= t["p99"] and t["suggested_max_length"] % 8 == 0
     assert hist.is_file() and hist.stat().st_size > 1000
+    # its own PNG is replaced on a re-run; someone else's file in its place is not (see test_cli's refusals)
+    assert main(["data", "inspect", str(known), "--model_name_or_path", str(tiny_gpt2), "--json", "--histogram", str(hist)]) == 0
+    capsys.readouterr()
     assert main(["data", "inspect", str(known)]) == 0  # the table form
     assert "max_length" not in capsys.readouterr().out  # no tokenizer, no token figures
 

@@ -183,13 +183,29 @@ def test_bad_quant_missing_folder_and_adapter_refused(tmp_path, tiny):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_replaces_its_own_file_only(exported, tiny, tmp_path):
+    """An earlier export is replaced; a file lora_ft did not write is refused before anything loads."""
+    root, _ = exported
+    first = root / "tiny-f16.gguf"
+    assert eg.gguf_by_lora_ft(first)
+    again = tmp_path / "again.gguf"
+    again.write_bytes(first.read_bytes())
+    eg.export_gguf(str(tiny), str(again), "q8_0")
+    assert again.stat().st_size < first.stat().st_size  # the q8_0 export took its place
+    foreign = tmp_path / "someone.gguf"
+    foreign.write_bytes(b"GGUF\x03\x00\x00\x00 someone else's model")
+    with pytest.raises(LoraFtError, match="not written by lora_ft.*--overwrite"):
+        eg.export_gguf(str(tiny), str(foreign))
+    assert foreign.read_bytes().endswith(b"someone else's model")
+
+
 def test_failed_verification_leaves_nothing(tmp_path, tiny, monkeypatch):
     """A writer bug (no Q/K permutation) is caught by the read-back; the old output survives untouched."""
     out = tmp_path / "model.gguf"
     out.write_bytes(b"previous export")
     monkeypatch.setattr(eg, "_permute", lambda w, *_: w)
     with pytest.raises(LoraFtError, match="does not match") as e:
-        eg.export_gguf(str(tiny), str(out))
+        eg.export_gguf(str(tiny), str(out), overwrite=True)  # not ours: only --overwrite lets it be replaced
     assert "\n" not in str(e.value)
     assert out.read_bytes() == b"previous export"
     assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

@@ -251,6 +251,10 @@ def test_causal_chat_run_merges(tmp_path, llama_models, capsys):
     assert AutoTokenizer.from_pretrained(out).chat_template == AutoTokenizer.from_pretrained(run).chat_template
     prompts = [q for q, _ in QA[:2]]
     assert generate(capsys, out, prompts) == generate(capsys, run, prompts)
+    # The same recipe re-run into the run dir replaces its generations log: merge verifies on this run's rows only.
+    rows = (run / "eval_generations.jsonl").read_text().splitlines()
+    train_in_process(recipe, run)
+    assert len((run / "eval_generations.jsonl").read_text().splitlines()) == len(rows)
 
 
 def test_seq2seq_run_merges(tmp_path, tiny_t5, capsys):

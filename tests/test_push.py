@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 import os
 import re
 import subprocess
@@ -219,6 +220,24 @@ def test_merged_model_folder(tmp_path):
     assert "| accuracy | 0.8 |" in card  # the metrics of the run it was merged from
 
 
+def test_pushed_recipe_reruns_and_carries_no_local_paths(tmp_path):
+    """trl's eos_token / pad_token are recipe keys, not secrets; the card and the staged JSON name no folder of
+    this machine (output_dir, a local dataset, the run dir a merge came from)."""
+    data = tmp_path / "my-data"
+    run = make_run(tmp_path, model_name_or_path="builtin:smollm2-135m-instruct", task="causal-lm", labels=None,
+                   dataset_name=str(data), eos_token="<|im_end|>", pad_token="<pad>")
+    merged = make_merged(tmp_path, run)
+    for src, out in ((run, tmp_path / "staged"), (merged, tmp_path / "staged-merged")):
+        stage(src, out, "me/x")
+        recipe = yaml.safe_load((out / RECIPE_FILE).read_text())
+        assert recipe["eos_token"] == "<|im_end|>" and recipe["pad_token"] == "<pad>"
+        assert recipe["dataset_name"] == "./my-data" and recipe["output_dir"] == "./run"
+        for name in ("README.md", RECIPE_FILE, "metrics.json", "merge_report.json", "adapter_config.json"):
+            if (out / name).is_file():
+                assert str(tmp_path) not in (out / name).read_text(), name
+        resolve(recipe)  # it parses as a recipe again
+
+
 def test_redacts_secrets_and_never_writes_the_token(tmp_path, capsys, hf_env):
     run = make_run(tmp_path)
     with open(run / RECIPE_FILE, "a", encoding="utf-8") as fh:  # a recipe edited by hand after training
@@ -268,11 +287,22 @@ def test_output_folder_safety(tmp_path):
     run = make_run(tmp_path)
     with pytest.raises(LoraFtError, match="overlaps"):
         stage(run, run / "staged", "me/x")
+    with pytest.raises(LoraFtError, match="overlaps"):
+        stage(run, tmp_path, "me/x")  # holds the source: replacing it would delete the run
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(LoraFtError, match="not empty"):
+    with pytest.raises(LoraFtError, match="not written by lora_ft.*--overwrite"):
         stage(run, busy, "me/x")
+    other = make_run(tmp_path, name="other-run")  # a run dir: peft's README.md and a recipe, but no card of ours
+    (other / "checkpoint-8").rename(other / "moved")
+    shutil.rmtree(other / "moved")
+    shutil.rmtree(other / "runs")
+    with pytest.raises(LoraFtError, match="not written by lora_ft"):
+        stage(run, other, "me/x")
+    assert (other / "adapter_model.safetensors").is_file()
+    stage(run, busy, "me/x", overwrite=True)
+    assert not (busy / "notes.txt").exists()
     stage(run, tmp_path / "staged", "me/x")
     stage(run, tmp_path / "staged", "me/x")  # a previous staging is replaced
     with pytest.raises(LoraFtError, match="user/name"):

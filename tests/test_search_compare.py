@@ -74,6 +74,11 @@ def test_compare_html_and_markdown(search_dir, gpt2_run, tmp_path, capsys):
     assert page.count("data:image/png;base64,") >= 2  # loss curves + metric vs a hyperparameter
     assert "loss_curves.png" in page and "eval_accuracy_vs_learning_rate.png" in page
     assert "class='diff'" in page and "trial-000" in page
+    # its own reports are replaced on a re-run (HTML and Markdown alike)
+    assert main(["compare", str(gpt2_run.run_dir), "--output", str(report)]) == 0
+    assert main(["compare", str(gpt2_run.run_dir), "--output", str(tmp_path / "r.md")]) == 0
+    assert main(["compare", str(gpt2_run.run_dir), "--output", str(tmp_path / "r.md")]) == 0
+    assert "## Recipe differences" in (tmp_path / "r.md").read_text() or "|" in (tmp_path / "r.md").read_text()
     assert main(["compare", str(tmp_path / "nope")]) == 2
 
 

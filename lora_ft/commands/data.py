@@ -17,6 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     i.add_argument("--label_column", help="default: label, sentiment, ... whichever the data has")
     i.add_argument("--histogram", default="token_lengths.png", help="where the token-length histogram PNG goes (with a tokenizer)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing --histogram file that lora_ft did not write")
     return p
 
 
@@ -39,6 +40,7 @@ def run(args, overrides: list[str]) -> int:
             tok = AutoTokenizer.from_pretrained(resolve_model_path(args.model_name_or_path))
         except (OSError, ValueError) as e:
             raise LoraFtError(f"--model_name_or_path: cannot load a tokenizer from '{args.model_name_or_path}' ({str(e).splitlines()[0][:120]})") from None
-    report = inspect(args.dataset, args.text_column, args.label_column, tokenizer=tok, histogram=Path(args.histogram) if tok else None)
+    report = inspect(args.dataset, args.text_column, args.label_column, tokenizer=tok, histogram=Path(args.histogram) if tok else None,
+                     overwrite=args.overwrite)
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 0

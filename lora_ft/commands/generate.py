@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..trust import add_trust_args
+
 HELP = "generate with a causal-LM or seq2seq run; one JSON line {prompt, completion} per prompt"
 
 
@@ -15,12 +17,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
+    add_trust_args(p)
     return p
 
 
 def run(args, overrides: list[str]) -> int:
     from ..errors import LoraFtError
     from ..inference import generate_texts, load_run
+    from ..trust import from_args
 
     if overrides:
         raise LoraFtError(f"generate: unknown option(s) {' '.join(overrides)}; see `lora-ft generate --help`")
@@ -28,7 +32,7 @@ def run(args, overrides: list[str]) -> int:
         raise LoraFtError("generate: no input; pass --prompt TEXT")
     if args.max_new_tokens <= 0 or args.temperature < 0:
         raise LoraFtError("generate: --max_new_tokens must be positive and --temperature >= 0")
-    model, tok, recipe = load_run(args.run_dir)
+    model, tok, recipe = load_run(args.run_dir, from_args(args))
     a = recipe.args
     if a.task == "sequence-classification":
         raise LoraFtError(f"generate: {args.run_dir} is a classification run; use `lora-ft predict`")

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from ..trust import add_trust_args
+
 HELP = "classify texts with a trained run; one JSON line per text"
 
 
@@ -17,12 +19,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--text_column", default="text", help="column of --input holding the text")
     p.add_argument("--output", help="write JSON lines here instead of stdout")
     p.add_argument("--batch_size", type=int, default=32)
+    add_trust_args(p)
     return p
 
 
 def run(args, overrides: list[str]) -> int:
     from ..errors import LoraFtError
     from ..inference import classify, load_run, read_texts
+    from ..trust import from_args
 
     if overrides:
         raise LoraFtError(f"predict: unknown option(s) {' '.join(overrides)}; see `lora-ft predict --help`")
@@ -31,7 +35,7 @@ def run(args, overrides: list[str]) -> int:
         texts += read_texts(args.input, args.text_column)
     if not texts:
         raise LoraFtError("predict: no input; pass --text TEXT or --input FILE")
-    model, tok, recipe = load_run(args.run_dir)
+    model, tok, recipe = load_run(args.run_dir, from_args(args))
     if recipe.args.task != "sequence-classification":
         raise LoraFtError(f"predict: {args.run_dir} is a {recipe.args.task} run; use `lora-ft generate`")
     rows = classify(model, tok, texts, recipe, batch_size=args.batch_size)

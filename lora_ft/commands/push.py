@@ -23,6 +23,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="stage into --output and stop: no token needed, nothing uploaded")
     p.add_argument("--output", help="folder to stage into (required with --dry-run; kept after a push)")
     p.add_argument("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output that is not a staged push")
     return p
 
 
@@ -48,7 +49,8 @@ def run(args, overrides: list[str]) -> int:
                                commit_message=message, endpoint=args.endpoint))
 
     if args.output:
-        manifest = stage(args.source, args.output, args.repo_id, revision=args.revision, base_model=args.base_model, token=token)
+        manifest = stage(args.source, args.output, args.repo_id, revision=args.revision, base_model=args.base_model, token=token,
+                         overwrite=args.overwrite)
         if not args.dry_run:
             push(args.output)
     else:

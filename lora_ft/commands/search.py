@@ -15,6 +15,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--metric", help="metrics.json key to optimize (default: eval_accuracy, eval_f1 or eval_loss by task)")
     p.add_argument("--direction", choices=["maximize", "minimize"], help="default: minimize for losses, else maximize")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--overwrite", action="store_true", help="search into an existing output_dir that is not a `lora-ft search` folder")
     return p
 
 
@@ -36,7 +37,7 @@ def run(args, overrides: list[str]) -> int:
     recipe = load_recipe(path, overrides)  # every recipe problem reported before the first trial
     parent = Path(recipe.trainer["output_dir"])
     raw.pop("output_dir", None)
-    summary = run_search(raw, parent, args.n_trials, args.space, args.metric, args.direction, args.seed)
+    summary = run_search(raw, parent, args.n_trials, args.space, args.metric, args.direction, args.seed, overwrite=args.overwrite)
     print(f"best trial {summary['best_trial']}: {summary['metric']}={summary['best_value']:.4f} "
           f"{summary['best_params']}; recipe: {parent / 'best_recipe.yaml'}; all trials: {parent / 'search_summary.json'}")
     return 0

@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from ..trust import add_trust_args
+
 HELP = "serve runs and merged models over REST: classify, generate, OpenAI chat completions"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -25,6 +27,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, default=256, help="texts or prompts per request")
     p.add_argument("--max-input-chars", type=int, default=20_000)
     p.add_argument("--max-new-tokens", type=int, default=1024, help="the most tokens a request may ask for")
+    add_trust_args(p)
     return p
 
 
@@ -39,13 +42,14 @@ def run(args, overrides: list[str]) -> int:
 
     from ..serving.app import ServeSettings, build_app
     from ..serving.registry import load_models
+    from ..trust import from_args
 
     hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
     settings = ServeSettings(api_key=args.api_key, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              timeout_s=args.timeout, max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs,
                              max_input_chars=args.max_input_chars, max_new_tokens=args.max_new_tokens,
                              host=args.host, allowed_hosts=hosts)
-    models = load_models(args.models)
+    models = load_models(args.models, from_args(args))
     if args.host not in LOOPBACK and not args.api_key:
         print(f"lora-ft: warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     for name, m in models.items():

@@ -13,6 +13,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=HELP, description=HELP, usage="lora-ft train [-h] [--help-keys] [RECIPE] [--key value ...]",
                        epilog="RECIPE: YAML recipe (see recipes/); without one, the overrides must give every required key")
     p.add_argument("--help-keys", action="store_true", help="list every lora_ft recipe key with its default")
+    p.add_argument("--overwrite", action="store_true", help="replace a run of a different recipe in output_dir (else refused)")
     return p
 
 
@@ -42,5 +43,6 @@ def run(args, overrides: list[str]) -> int:
     from ..train import train
 
     recipe = load_recipe(path, overrides)
-    train(recipe)
+    train(recipe, overwrite=args.overwrite)  # a flag, never a recipe key: a saved recipe must not replace runs
     return 0
+

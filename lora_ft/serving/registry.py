@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import LoraFtError
+from ..trust import NONE, Trust, granted
 
 NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -70,7 +71,7 @@ def _base_key(recipe) -> tuple:
     return (a.model_name_or_path, a.task, len(a.labels or []), a.load_in_4bit, a.load_in_8bit, a.dtype, a.load_in_4bit and a.use_dora)
 
 
-def load_models(specs: list[str]) -> dict[str, ServedModel]:
+def load_models(specs: list[str], trust: Trust = NONE) -> dict[str, ServedModel]:
     """Load every model once; adapters whose base, task, label count and quantization agree share one base."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -86,9 +87,9 @@ def load_models(specs: list[str]) -> dict[str, ServedModel]:
     served: dict[str, ServedModel] = {}
     for name, path in parse_specs(specs):
         p = require_run_dir(path)
-        recipe = load_run_recipe(p)
+        recipe = granted(load_run_recipe(p), trust, p)
         if not (p / "adapter_config.json").is_file():  # merged or fully fine-tuned: a model of its own
-            model, tok, recipe = load_run(p)
+            model, tok, recipe = load_run(p, trust)
             served[name] = ServedModel(name, p, recipe.args.task, recipe, tok, Group(model), None)
             continue
         a = recipe.args

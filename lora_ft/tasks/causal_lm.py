@@ -247,10 +247,10 @@ def _generation_logger(tok, prompts, max_new_tokens: int):
             if model is None or not state.is_world_process_zero:
                 return
             from ..inference import generate_texts
+            from ..runs import live_file
 
             outs = generate_texts(model, tok, [p for p, _ in prompts], max_new_tokens, chat=isinstance(prompts[0][0], list))
-            path = Path(args.output_dir) / GENERATIONS_FILE
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = live_file(args.output_dir, GENERATIONS_FILE)
             with open(path, "a", encoding="utf-8") as fh:
                 for (p, ref), o in zip(prompts, outs):
                     rec = {"step": state.global_step, "prompt": p if isinstance(p, str) else p[-1]["content"],
