@@ -84,7 +84,7 @@ def bf16_peak_tflops() -> dict:
             done += 1
         if cuda:
             torch.cuda.synchronize()
-        out[name] = round(2 * size**3 * done / (time.perf_counter() - t0) / 1e12, 3)
+        out[name] = float(f"{2 * size**3 * done / (time.perf_counter() - t0) / 1e12:.3g}")  # 3 digits, however slow
     return out
 
 
@@ -298,7 +298,7 @@ def main() -> int:
     md += [f"| {r['row']} | {r.get('precision', '-')} | {r.get('examples_per_s', '-')} | {r.get('tokens_per_s', '-')} | {r.get('mfu_pct', '-')} "
            f"| {r.get('peak_rss_mb', '-')} | {r.get('peak_gpu_mb', '-')} |" for r in rows]
     md += ["", "Ratios: " + "; ".join(f"{k} = {v}" for k, v in ratios.items()), "", "Rows:"] + [f"- `{k}`: {v}" for k, v in ROWS.items()]
-    md += ["", "Command: `python benchmarks/throughput.py" + " ".join(f" {a}" for a in sys.argv[1:]) + "`"]
+    md += ["", "Command: `" + " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]]) + "`"]
     (res / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
