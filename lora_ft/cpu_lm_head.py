@@ -109,6 +109,12 @@ def _relies_on():
 upstream.register(upstream.Patch("cpu_lm_head", "trl", "labelled-positions-only LM-head loss on CPU", _relies_on))
 
 
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def install(model) -> bool:
     """Wrap `model.forward` (already patched by trl's add_fused_lm_head) so CPU fused calls take the path above."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -121,7 +127,8 @@ def install(model) -> bool:
     @functools.wraps(trl_forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         head = self.get_output_embeddings()
-        if not fused_lm_head or shift_labels is not None or head.weight.device.type != "cpu":
+        # A DTensor weight is an FSDP shard: only a call of the head module gathers it, so trl's path runs.
+        if not fused_lm_head or shift_labels is not None or head.weight.device.type != "cpu" or _is_dtensor(head.weight):
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)
         from trl.trainer.utils import FusedCausalLMOutput

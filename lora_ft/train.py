@@ -22,7 +22,7 @@ from .modeling import (
 )
 from .runs import METRICS_FILE, STAGE, check_output_dir, write_json
 from .tasks import auto_class, get_task
-from .trainers import CHECKPOINT_STAGE, RESUME_FILE, stop_callbacks
+from .trainers import CHECKPOINT_STAGE, RESUME_FILE, save_model_gathered, stop_callbacks
 
 
 def resolve_hardware(recipe: Recipe) -> None:
@@ -74,6 +74,10 @@ def train(recipe: Recipe, callbacks: list | None = None) -> Path:
     run_dir = Path(recipe.trainer["output_dir"])
     check_output_dir(run_dir, recipe)
     resolve_hardware(recipe)
+    from . import cpu_fsdp
+
+    if cpu_fsdp.wanted():
+        cpu_fsdp.install()
     targs = build_training_args(recipe)
     from transformers import set_seed
 
@@ -111,6 +115,7 @@ def train(recipe: Recipe, callbacks: list | None = None) -> Path:
     except ValueError as e:  # transformers / trl refuse a combination of recipe keys: say which, in one line
         msg = " ".join(str(e).split())
         raise LoraFtError(f"recipe: the trainer refused these settings: {msg}") from None
+    check_engine(trainer)
     reset_peak_memory()
     started = time.time()
     trainer.resume_info = resume_info(recipe, data)
@@ -143,7 +148,7 @@ def train(recipe: Recipe, callbacks: list | None = None) -> Path:
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
         trainer.accelerator.wait_for_everyone()
-        trainer.save_model(str(stage))
+        save_model_gathered(trainer, str(stage))
         metrics = _train_metrics(result, trainer, data, runtime, world)
         if data.eval is not None:
             metrics.update(task.final_eval(trainer, data, stage))
@@ -172,6 +177,19 @@ def train(recipe: Recipe, callbacks: list | None = None) -> Path:
         summary = {k: metrics[k] for k in metrics if k.startswith("eval_") and isinstance(metrics[k], float)}
         log(targs, f"saved run dir {run_dir}  " + "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     return run_dir
+
+
+def check_engine(trainer) -> None:
+    """The engine accelerate was launched with is the one that trains: an FSDP or DeepSpeed launch that the
+    trainer would run as plain DDP (accelerate drops such plugins on devices it does not support) stops here."""
+    launched = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                if os.environ.get(flag, "").lower() == "true"]
+    running = {"FSDP": getattr(trainer, "is_fsdp_enabled", False), "DeepSpeed": getattr(trainer, "is_deepspeed_enabled", False)}
+    for name in launched:
+        if not running[name]:
+            raise LoraFtError(f"accelerate launched {name}, but the trainer set up {trainer.accelerator.distributed_type} on "
+                              f"{trainer.args.device}; refusing to train it as something else (`lora-ft doctor RECIPE` says "
+                              "what runs where)")
 
 
 def _save_generation_config(model, run_dir: Path) -> None:
