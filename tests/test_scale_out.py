@@ -215,7 +215,10 @@ def zero2_run(recipe) -> Path:
     return out
 
 
+# DeepSpeed launches take 20-25 s here (the first one ~100 s: DeepSpeed JIT-builds its CPU comm op once), so they run
+# in `make bench`; test_doctor_engine_matrix and test_a_launched_engine_the_trainer_lacks_is_refused cover lora_ft's side.
 @needs_deepspeed
+@pytest.mark.slow
 def test_zero2_trains_like_ddp_and_merges(zero2_run, ddp_run, tmp_path):
     assert metrics(zero2_run)["world_size"] == 2
     assert (zero2_run / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's own checkpoint: the engine ran
@@ -224,6 +227,7 @@ def test_zero2_trains_like_ddp_and_merges(zero2_run, ddp_run, tmp_path):
 
 
 @needs_deepspeed
+@pytest.mark.slow
 def test_zero2_resume_equals_the_straight_run(zero2_run, recipe):
     out = recipe.parent / "zero2-resumed"
     launch("zero2.yaml", recipe, out, "--resume_from_checkpoint", zero2_run / "checkpoint-3")
@@ -241,3 +245,82 @@ def test_zero3_continues_an_adapter_like_ddp(fsdp_run, recipe, tmp_path):
     launch("zero3.yaml", recipe, tmp_path / "z3", *keys)
     launch("multi_cpu.yaml", recipe, tmp_path / "ddp", *keys, accel_args=("--num_processes", 2))
     assert_same_training(tmp_path / "z3", tmp_path / "ddp")
+
+
+# ---------------------------------------------------------------- what the doctor says, fast
+
+
+def doctor_rows(capsys, recipe, *args) -> tuple[int, dict]:
+    from test_doctor import doctor
+
+    return doctor(capsys, recipe, *args)
+
+
+def test_every_accelerate_config_names_its_engine():
+    from lora_ft.engines import from_accelerate_config
+
+    got = {p.name: from_accelerate_config(str(p)) for p in sorted(CONFIGS.glob("*.yaml"))}
+    assert got == {"ddp.yaml": "ddp", "fsdp_cpu.yaml": "fsdp", "fsdp_qlora.yaml": "fsdp", "multi_cpu.yaml": "ddp",
+                   "multi_node.yaml": "ddp", "multi_node_cpu.yaml": "ddp", "zero2.yaml": "zero2", "zero3.yaml": "zero3"}
+
+
+def test_doctor_engine_matrix(tmp_path, tiny_llama, tiny_data, capsys, monkeypatch):
+    """The doctor's engine verdicts follow the runs: FSDP and ZeRO ran here; what did not is refused with the reason."""
+    import lora_ft.engines
+    from lora_ft import upstream
+
+    from fixtures_gen import build_tiny_t5
+
+    r = cls_recipe(tmp_path / "r.yaml", tiny_llama, tiny_data)
+    rc, rows = doctor_rows(capsys, r, "--accelerate_config", CONFIGS / "fsdp_cpu.yaml")
+    assert rc == 0 and rows["engine"] == ("pass", "FSDP2 on CPU processes over gloo (ran here)")
+    rc, rows = doctor_rows(capsys, r, "--accelerate_config", CONFIGS / "fsdp_cpu.yaml", "--load_in_8bit", "true")
+    assert rc == 1 and rows["quantization"][0] == "fail"
+
+    t5 = build_tiny_t5(tmp_path / "t5")  # seq2seq under FSDP2: T5's tied shared embedding is refused by fully_shard
+    s2s = write_recipe(tmp_path / "s2s.yaml", model_name_or_path=str(t5), task="seq2seq", dataset_name=str(tmp_path / "none"))
+    rc, rows = doctor_rows(capsys, s2s, "--accelerate_config", CONFIGS / "fsdp_cpu.yaml")
+    assert rows["engine"][0] == "fail" and "tied" in rows["engine"][1] and "DDP or DeepSpeed ZeRO" in rows["engine"][1]
+    rc, rows = doctor_rows(capsys, s2s, "--accelerate_config", CONFIGS / "zero3.yaml")
+    assert rows["engine"][0] == ("pass" if has_deepspeed() else "fail")
+
+    monkeypatch.setattr(lora_ft.engines, "_deepspeed_installed", lambda: False)
+    rc, rows = doctor_rows(capsys, r, "--accelerate_config", CONFIGS / "zero2.yaml")
+    assert rc == 1 and rows["engine"][0] == "fail" and "pip install 'lora-ft[deepspeed]'" in rows["engine"][1]
+
+    real = upstream.problem
+    monkeypatch.setattr(upstream, "problem", lambda name: "simulated change" if name == "cpu_fsdp" else real(name))
+    rc, rows = doctor_rows(capsys, r, "--accelerate_config", CONFIGS / "fsdp_cpu.yaml")
+    assert rc == 1 and rows["engine"][0] == "fail"
+    assert "would train these processes as DDP" in rows["engine"][1] and "simulated change" in rows["engine"][1]
+
+
+def test_a_launched_engine_the_trainer_lacks_is_refused(tmp_path, tiny_llama, tiny_data, capsys, monkeypatch):
+    """Never a silent DDP: one plain process that accelerate's environment says is FSDP trains nothing (the trainer
+    sets up no FSDP there), and FSDP on CPU without lora_ft's adjustment is refused before anything loads."""
+    from lora_ft import upstream
+
+    r = cls_recipe(tmp_path / "r.yaml", tiny_llama, tiny_data, max_steps=1)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    capsys.readouterr()
+    assert main(["train", str(r), "--output_dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "accelerate launched FSDP, but the trainer set up" in err and "refusing" in err
+    assert not (tmp_path / "a" / "adapter_model.safetensors").exists()
+
+    real = upstream.problem
+    monkeypatch.setattr(upstream, "problem", lambda name: "simulated change" if name == "cpu_fsdp" else real(name))
+    assert main(["train", str(r), "--output_dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "accelerate alone would train DDP instead" in err and "simulated change" in err
+
+
+def test_lm_head_fast_path_stays_off_sharded_weights():
+    import torch
+
+    from lora_ft.cpu_lm_head import _sharded
+
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    assert not _sharded(w)
+    w.ds_id = 7  # DeepSpeed ZeRO-3 tags the parameters it partitions
+    assert _sharded(w)
