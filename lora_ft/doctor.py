@@ -70,9 +70,9 @@ def static_checks(recipe, engine: Optional[str] = None) -> tuple[list[Check], di
     engine = engine or engines.from_environment(recipe.trainer)
     if engine:
         out.append(Check("engine", *engines.verdict(engine, config, torch.cuda.is_available())))
-    if engine and a.load_in_8bit and engine in ("fsdp", "zero3"):
+    if engine and a.load_in_8bit and engine in ("fsdp", "fsdp1", "zero3"):
         out.append(Check("quantization", FAIL, f"load_in_8bit with {engine}: peft documents QLoRA sharding for 4-bit only; use load_in_4bit"))
-    elif engine and a.load_in_4bit and engine in ("fsdp", "zero3"):
+    elif engine and a.load_in_4bit and engine in ("fsdp", "fsdp1", "zero3"):
         out.append(Check("quantization", WARN, f"4-bit with {engine}: needs bnb_4bit_quant_storage equal to the compute dtype "
                                                f"({a.bnb_4bit_compute_dtype}) so shards are uniform; lora_ft sets it when accelerate "
                                                "launches with FSDP / ZeRO-3 (recipes/accelerate/fsdp_qlora.yaml)", fixed=True))

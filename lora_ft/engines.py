@@ -15,16 +15,19 @@ from typing import Optional
 
 from .errors import LoraFtError
 
-ENGINES = ("ddp", "fsdp", "zero2", "zero3")
-NAMES = {"ddp": "DDP", "fsdp": "FSDP2", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
+ENGINES = ("ddp", "fsdp", "fsdp1", "zero2", "zero3")  # fsdp: FSDP2 (fully_shard); fsdp1: FullyShardedDataParallel
+NAMES = {"ddp": "DDP", "fsdp": "FSDP2", "fsdp1": "FSDP1", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}
 DEEPSPEED_INSTALL = "pip install 'lora-ft[deepspeed]'"
 
 
 def from_environment(trainer_keys: Optional[dict] = None, env=os.environ) -> Optional[str]:
-    """fsdp, zero2, zero3 or None, from the recipe's trainer keys or the accelerate launch environment."""
+    """fsdp, fsdp1, zero2, zero3 or None, from the recipe's trainer keys or the accelerate launch environment."""
     t = trainer_keys or {}
-    if t.get("fsdp") or env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp" if env.get("FSDP_VERSION", "1") == "2" else "fsdp1"  # accelerate's own default is 1
+    if t.get("fsdp"):
+        c = t.get("fsdp_config") or {}
+        return "fsdp" if str(c.get("version", c.get("fsdp_version", 1))) == "2" else "fsdp1"
     if t.get("deepspeed") or env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
         return "zero3" if stage == "3" or "zero3" in str(t.get("deepspeed", "")) else "zero2"
@@ -42,7 +45,7 @@ def from_accelerate_config(path: str) -> Optional[str]:
         raise LoraFtError(f"--accelerate_config {path}: cannot read it ({str(e).splitlines()[0]})") from None
     kind = str(cfg.get("distributed_type", "NO")).upper()
     if kind == "FSDP":
-        return "fsdp"
+        return "fsdp" if str((cfg.get("fsdp_config") or {}).get("fsdp_version", 1)) == "2" else "fsdp1"
     if kind == "DEEPSPEED":
         stage = (cfg.get("deepspeed_config") or {}).get("zero_stage")
         if stage not in (2, 3):
@@ -64,6 +67,9 @@ def verdict(engine: str, config, cuda: bool) -> tuple[str, str]:
     if engine == "fsdp" and getattr(config, "is_encoder_decoder", False) and getattr(config, "tie_word_embeddings", False):
         return "fail", (f"{name} with an encoder-decoder whose embeddings are tied ({config.model_type}): fully_shard refuses "
                         "the shared embedding, which accelerate's wrap policy puts in two FSDP groups; use DDP or DeepSpeed ZeRO")
+    if engine == "fsdp1" and not cuda:
+        return "fail", (f"{name} on CPU: accelerate's FSDP1 path needs an accelerator device (it raises 'There are currently "
+                        "no available devices found'); on CPU use FSDP2, recipes/accelerate/fsdp_cpu.yaml (fsdp_version: 2)")
     if engine == "fsdp" and not cuda:
         from . import upstream
 

@@ -260,7 +260,7 @@ def test_every_accelerate_config_names_its_engine():
     from lora_ft.engines import from_accelerate_config
 
     got = {p.name: from_accelerate_config(str(p)) for p in sorted(CONFIGS.glob("*.yaml"))}
-    assert got == {"ddp.yaml": "ddp", "fsdp_cpu.yaml": "fsdp", "fsdp_qlora.yaml": "fsdp", "multi_cpu.yaml": "ddp",
+    assert got == {"ddp.yaml": "ddp", "fsdp_cpu.yaml": "fsdp", "fsdp_qlora.yaml": "fsdp1", "multi_cpu.yaml": "ddp",
                    "multi_node.yaml": "ddp", "multi_node_cpu.yaml": "ddp", "zero2.yaml": "zero2", "zero3.yaml": "zero3"}
 
 
@@ -276,6 +276,9 @@ def test_doctor_engine_matrix(tmp_path, tiny_llama, tiny_data, capsys, monkeypat
     assert rc == 0 and rows["engine"] == ("pass", "FSDP2 on CPU processes over gloo (ran here)")
     rc, rows = doctor_rows(capsys, r, "--accelerate_config", CONFIGS / "fsdp_cpu.yaml", "--load_in_8bit", "true")
     assert rc == 1 and rows["quantization"][0] == "fail"
+    # FSDP1 (fsdp_qlora.yaml) stopped here with accelerate's "no available devices found": GPU only.
+    rc, rows = doctor_rows(capsys, r, "--accelerate_config", CONFIGS / "fsdp_qlora.yaml", "--load_in_4bit", "true")
+    assert rc == 1 and rows["engine"][0] == "fail" and "fsdp_cpu.yaml" in rows["engine"][1]
 
     t5 = build_tiny_t5(tmp_path / "t5")  # seq2seq under FSDP2: T5's tied shared embedding is refused by fully_shard
     s2s = write_recipe(tmp_path / "s2s.yaml", model_name_or_path=str(t5), task="seq2seq", dataset_name=str(tmp_path / "none"))
@@ -303,6 +306,9 @@ def test_a_launched_engine_the_trainer_lacks_is_refused(tmp_path, tiny_llama, ti
     r = cls_recipe(tmp_path / "r.yaml", tiny_llama, tiny_data, max_steps=1)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     capsys.readouterr()
+    assert main(["train", str(r), "--output_dir", str(tmp_path / "fsdp1")]) == 2  # accelerate's default version: GPU only
+    assert "FSDP1 on CPU" in capsys.readouterr().err
+    monkeypatch.setenv("FSDP_VERSION", "2")
     assert main(["train", str(r), "--output_dir", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "accelerate launched FSDP, but the trainer set up" in err and "refusing" in err
