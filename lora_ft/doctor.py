@@ -30,12 +30,11 @@ class Check:
 
 def static_checks(recipe, engine: Optional[str] = None) -> tuple[list[Check], dict]:
     """Checks from tokenizer files and model config (no weights). Returns (checks, context for data_checks).
-    engine: ddp, fsdp, zero2 or zero3 (`--accelerate_config`); by default the one accelerate launched, if any."""
+    engine: ddp, fsdp, fsdp1, zero2 or zero3 (`--accelerate_config`); by default the one accelerate launched, if any."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from . import engines
-
     from .modeling import HEAD_NAMES, check_weights_safe, resolve_model_path
 
     a = recipe.args
