@@ -65,8 +65,9 @@ def verdict(engine: str, config, cuda: bool) -> tuple[str, str]:
     if engine in ("zero2", "zero3") and not _deepspeed_installed():
         return "fail", f"{name}: deepspeed is not installed; {DEEPSPEED_INSTALL} (CPU: its CPU accelerator over gloo)"
     if engine == "fsdp" and getattr(config, "is_encoder_decoder", False) and getattr(config, "tie_word_embeddings", False):
-        return "fail", (f"{name} with an encoder-decoder whose embeddings are tied ({config.model_type}): fully_shard refuses "
-                        "the shared embedding, which accelerate's wrap policy puts in two FSDP groups; use DDP or DeepSpeed ZeRO")
+        return "fail", (f"{name} with an encoder-decoder whose embeddings are tied ({config.model_type}): at the first step "
+                        "fully_shard refuses the shared embedding ('shared with a parameter already managed by another FSDP "
+                        "group'); use DDP or DeepSpeed ZeRO")
     if engine == "fsdp1" and not cuda:
         return "fail", (f"{name} on CPU: accelerate's FSDP1 path needs an accelerator device (it raises 'There are currently "
                         "no available devices found'); on CPU use FSDP2, recipes/accelerate/fsdp_cpu.yaml (fsdp_version: 2)")
