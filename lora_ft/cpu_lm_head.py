@@ -109,6 +109,13 @@ def _relies_on():
 upstream.register(upstream.Patch("cpu_lm_head", "trl", "labelled-positions-only LM-head loss on CPU", _relies_on))
 
 
+def _sharded(param) -> bool:
+    """An FSDP2 shard (a DTensor) or a ZeRO-3 partitioned parameter (DeepSpeed tags those with ds_id)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor) or hasattr(param, "ds_id")
+
+
 def install(model) -> bool:
     """Wrap `model.forward` (already patched by trl's add_fused_lm_head) so CPU fused calls take the path above."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -121,7 +128,8 @@ def install(model) -> bool:
     @functools.wraps(trl_forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         head = self.get_output_embeddings()
-        if not fused_lm_head or shift_labels is not None or head.weight.device.type != "cpu":
+        # A sharded weight (FSDP, ZeRO-3) is gathered only around a call of the head module: trl's path runs then.
+        if not fused_lm_head or shift_labels is not None or head.weight.device.type != "cpu" or _sharded(head.weight):
             return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
                                num_items_in_batch=num_items_in_batch, **kwargs)
         from trl.trainer.utils import FusedCausalLMOutput

@@ -7,7 +7,6 @@ on a failing one. Each check passes, warns (lora_ft copes, the user should know)
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
 from dataclasses import dataclass
 from typing import Optional
@@ -29,21 +28,13 @@ class Check:
         return f"{self.name:{width}s} {self.status:6s} {self.detail}"
 
 
-def _engine(recipe) -> Optional[str]:
-    """fsdp, zero3, zero2 or None: from the recipe's trainer keys or the accelerate launch environment."""
-    t = recipe.trainer
-    if t.get("fsdp") or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return "fsdp"
-    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    if t.get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return "zero3" if stage == "3" or "zero3" in str(t.get("deepspeed", "")) else "zero2"
-    return None
-
-
-def static_checks(recipe) -> tuple[list[Check], dict]:
-    """Checks from tokenizer files and model config (no weights). Returns (checks, context for data_checks)."""
+def static_checks(recipe, engine: Optional[str] = None) -> tuple[list[Check], dict]:
+    """Checks from tokenizer files and model config (no weights). Returns (checks, context for data_checks).
+    engine: ddp, fsdp, fsdp1, zero2 or zero3 (`--accelerate_config`); by default the one accelerate launched, if any."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    from . import engines
     from .modeling import HEAD_NAMES, check_weights_safe, resolve_model_path
 
     a = recipe.args
@@ -75,10 +66,12 @@ def static_checks(recipe) -> tuple[list[Check], dict]:
     else:
         out.append(Check("max_length", PASS, f"max_length {a.max_length}" + (f" <= {positions} positions" if positions else " (relative positions)")))
 
-    engine = _engine(recipe)
-    if engine and a.load_in_8bit and engine in ("fsdp", "zero3"):
+    engine = engine or engines.from_environment(recipe.trainer)
+    if engine:
+        out.append(Check("engine", *engines.verdict(engine, config, torch.cuda.is_available())))
+    if engine and a.load_in_8bit and engine in ("fsdp", "fsdp1", "zero3"):
         out.append(Check("quantization", FAIL, f"load_in_8bit with {engine}: peft documents QLoRA sharding for 4-bit only; use load_in_4bit"))
-    elif engine and a.load_in_4bit and engine in ("fsdp", "zero3"):
+    elif engine and a.load_in_4bit and engine in ("fsdp", "fsdp1", "zero3"):
         out.append(Check("quantization", WARN, f"4-bit with {engine}: needs bnb_4bit_quant_storage equal to the compute dtype "
                                                f"({a.bnb_4bit_compute_dtype}) so shards are uniform; lora_ft sets it when accelerate "
                                                "launches with FSDP / ZeRO-3 (recipes/accelerate/fsdp_qlora.yaml)", fixed=True))
@@ -205,12 +198,12 @@ def sft_label_checks(tok, data, recipe) -> list[Check]:
     return out
 
 
-def run_doctor(recipe) -> list[Check]:
+def run_doctor(recipe, engine: Optional[str] = None) -> list[Check]:
     from .modeling import load_tokenizer
     from .tasks import get_task
 
     checks = [Check("recipe", PASS, f"{len(recipe.args.__dict__) + len(recipe.trainer)} keys valid, task {recipe.args.task}")]
-    static, ctx = static_checks(recipe)
+    static, ctx = static_checks(recipe, engine)
     checks += static
     if not ctx:
         return checks

@@ -166,6 +166,24 @@ def generate_texts(model, tok, prompts: list, max_new_tokens: int = 64, temperat
     return [generate_one(model, tok, p, max_new_tokens, temperature, chat, system_prompt, max_length) for p in prompts]
 
 
+class _root_unsharded:
+    """An FSDP2 model's own (root) parameters gathered for `generate`: it calls the inner model's forward, so the
+    hooks that gather the root's embeddings, norm and head never fire (the layers' own hooks still do)."""
+
+    def __init__(self, model):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.model = model if isinstance(model, FSDPModule) else None
+
+    def __enter__(self):
+        if self.model is not None:
+            self.model.unshard()
+
+    def __exit__(self, *exc):
+        if self.model is not None:
+            self.model.reshard()
+
+
 def generate_one(model, tok, prompt, max_new_tokens: int = 64, temperature: float = 0.0, chat: bool = False,
                  system_prompt: Optional[str] = None, max_length: Optional[int] = None, streamer=None,
                  stopping_criteria=None, logits_processor=None) -> dict:
@@ -189,7 +207,7 @@ def generate_one(model, tok, prompt, max_new_tokens: int = 64, temperature: floa
     kw.update(do_sample=True, temperature=temperature) if temperature > 0 else kw.update(do_sample=False)
     kw.update({k: v for k, v in (("stopping_criteria", stopping_criteria), ("logits_processor", logits_processor)) if v is not None})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _root_unsharded(model):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     finally:
         if was_training:

@@ -21,7 +21,7 @@ from .modeling import (
 )
 from .runs import METRICS_FILE, STAGE, check_output_dir, clear_live_files, replace_final_files, stage_live_files, write_json
 from .tasks import auto_class, get_task
-from .trainers import CHECKPOINT_STAGE, RESUME_FILE, restore_checkpoints, stop_callbacks
+from .trainers import CHECKPOINT_STAGE, RESUME_FILE, restore_checkpoints, save_model_gathered, stop_callbacks
 
 
 def resolve_hardware(recipe: Recipe) -> None:
@@ -75,6 +75,10 @@ def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False
     resolve_hardware(recipe)  # first: the saved recipe it is compared with holds the resolved bf16/use_cpu
     check_output_dir(run_dir, recipe, overwrite)
     restore_checkpoints(run_dir)
+    from . import cpu_fsdp
+
+    if cpu_fsdp.wanted():
+        cpu_fsdp.install()
     targs = build_training_args(recipe)
     from transformers import set_seed
 
@@ -112,6 +116,7 @@ def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False
     except ValueError as e:  # transformers / trl refuse a combination of recipe keys: say which, in one line
         msg = " ".join(str(e).split())
         raise LoraFtError(f"recipe: the trainer refused these settings: {msg}") from None
+    check_engine(trainer)
     reset_peak_memory()
     started = time.time()
     trainer.resume_info = resume_info(recipe, data)
@@ -146,7 +151,7 @@ def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)
         trainer.accelerator.wait_for_everyone()
-        trainer.save_model(str(stage))
+        save_model_gathered(trainer, str(stage))
         metrics = _train_metrics(result, trainer, data, runtime, world)
         if data.eval is not None:
             metrics.update(task.final_eval(trainer, data, stage))
@@ -173,6 +178,19 @@ def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False
         summary = {k: metrics[k] for k in metrics if k.startswith("eval_") and isinstance(metrics[k], float)}
         log(targs, f"saved run dir {run_dir}  " + "  ".join(f"{k}={v:.4f}" for k, v in summary.items()))
     return run_dir
+
+
+def check_engine(trainer) -> None:
+    """The engine accelerate was launched with is the one that trains: an FSDP or DeepSpeed launch that the
+    trainer would run as plain DDP (accelerate drops such plugins on devices it does not support) stops here."""
+    launched = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                if os.environ.get(flag, "").lower() == "true"]
+    running = {"FSDP": getattr(trainer, "is_fsdp_enabled", False), "DeepSpeed": getattr(trainer, "is_deepspeed_enabled", False)}
+    for name in launched:
+        if not running[name]:
+            raise LoraFtError(f"accelerate launched {name}, but the trainer set up {trainer.accelerator.distributed_type} on "
+                              f"{trainer.args.device}; refusing to train it as something else (`lora-ft doctor RECIPE` says "
+                              "what runs where)")
 
 
 def _save_generation_config(model, run_dir: Path) -> None:

@@ -190,3 +190,15 @@ def stop_callbacks(trainer):
                 signal.signal(signal.SIGINT, self.previous)
 
     return GuardCallback()
+
+
+def save_model_gathered(trainer, output_dir: str) -> None:
+    """`trainer.save_model`, with the weights gathered from every process under FSDP whatever its
+    fsdp_state_dict_type: transformers 5.24 writes no weights at all for SHARDED_STATE_DICT (checkpoints still
+    get their sharded copy), which would leave a finished run dir without its adapter. A collective: every rank."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if not getattr(trainer, "is_fsdp_enabled", False) or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+        trainer.save_model(output_dir)
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # full tensors on the main process, CPU
+    trainer._save(output_dir, state_dict=state_dict)

@@ -8,7 +8,11 @@ HELP = "check a recipe, its model config, tokenizer and data for known traps bef
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    return sub.add_parser("doctor", help=HELP, description=HELP, usage="lora-ft doctor [-h] RECIPE [--key value ...]")
+    p = sub.add_parser("doctor", help=HELP, description=HELP,
+                       usage="lora-ft doctor [-h] RECIPE [--accelerate_config FILE] [--key value ...]")
+    p.add_argument("--accelerate_config", metavar="FILE",
+                   help="check the recipe for this launch (recipes/accelerate/*.yaml): its engine on this machine")
+    return p
 
 
 def run(args, overrides: list[str]) -> int:
@@ -20,8 +24,11 @@ def run(args, overrides: list[str]) -> int:
     path, overrides = split_recipe(overrides)
     if not path and not overrides:
         raise RecipeError(["doctor: give a recipe file, e.g. `lora-ft doctor recipes/quickstart.yaml`"])
+    from ..engines import from_accelerate_config
+
+    engine = from_accelerate_config(args.accelerate_config) if args.accelerate_config else None
     try:
-        checks = run_doctor(load_recipe(path, overrides))
+        checks = run_doctor(load_recipe(path, overrides), engine)
     except RecipeError as e:  # every recipe problem is a failed check of its own
         checks = [Check("recipe", FAIL, p) for p in e.problems]
     print(f"{'check':22s} {'status':6s} detail")

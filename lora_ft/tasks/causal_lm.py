@@ -244,12 +244,17 @@ def _generation_logger(tok, prompts, max_new_tokens: int):
         """A few greedy generations at each eval: the cheapest check that the model learned to stop."""
 
         def on_evaluate(self, args, state, control, model=None, **kw):
-            if model is None or not state.is_world_process_zero:
+            from ..modeling import sharded_engine
+
+            # A sharded model (FSDP, ZeRO-3) forwards only with every process taking part: all generate, one writes.
+            if model is None or not (state.is_world_process_zero or sharded_engine()):
                 return
             from ..inference import generate_texts
             from ..runs import live_file
 
             outs = generate_texts(model, tok, [p for p, _ in prompts], max_new_tokens, chat=isinstance(prompts[0][0], list))
+            if not state.is_world_process_zero:
+                return
             path = live_file(args.output_dir, GENERATIONS_FILE)
             with open(path, "a", encoding="utf-8") as fh:
                 for (p, ref), o in zip(prompts, outs):
