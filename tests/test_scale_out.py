@@ -149,6 +149,7 @@ def test_fsdp_losses_match_ddp(fsdp_run, ddp_run):
     assert_same_training(fsdp_run, ddp_run)
 
 
+@pytest.mark.slow  # ~35 s of process launches on 2 cores: `make bench` (the default run keeps FSDP training, predict and merge)
 def test_fsdp_resume_from_a_sharded_checkpoint_equals_the_straight_run(fsdp_run, recipe):
     out = recipe.parent / "fsdp-resumed"
     launch("fsdp_cpu.yaml", recipe, out, "--resume_from_checkpoint", fsdp_run / "checkpoint-3")
@@ -161,6 +162,7 @@ def test_fsdp_resume_from_a_sharded_checkpoint_equals_the_straight_run(fsdp_run,
 # ---------------------------------------------------------------- SFT under FSDP
 
 
+@pytest.mark.slow  # ~35 s of process launches on 2 cores: `make bench` (the default run keeps FSDP training, predict and merge)
 def test_fsdp_sft_matches_one_process_with_the_same_batch(tmp_path, llama_models):
     """Causal-LM SFT: trl's trainer under FSDP2 (its LM head gathers the sharded weight), eval generations made by
     every process (a sharded model forwards only with all of them), merged afterwards. Compared with one process of
