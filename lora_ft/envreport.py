@@ -23,6 +23,7 @@ APPLIES = {
     "ordered_eval": "every run",
     "atomic_checkpoints": "every run",
     "keep_4bit_layout": "4-bit training and DoRA",
+    "cpu_fsdp": "FSDP launches on CPU processes",
 }
 
 
