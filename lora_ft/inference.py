@@ -64,7 +64,8 @@ def read_texts(path: str, column: str = "text") -> list[str]:
     ds = _read_file(p, "input")
     if column not in ds.column_names:
         raise DataError(f"--input {path}: no column '{column}' (columns: {', '.join(ds.column_names)}); pass --text_column")
-    return [str(t) for t in ds[column]]
+    # a list is a pre-tokenized sentence (token classification): kept as words
+    return [t if isinstance(t, list) else str(t) for t in ds[column]]
 
 
 def batched(items: Iterable, n: int):

@@ -142,8 +142,8 @@ def entity_confusion(gold: list[list[str]], pred: list[list[str]], types: list[s
     index = {n: i for i, n in enumerate(names)}
     m = [[0] * len(names) for _ in names]
     for g, p in zip(gold, pred):
-        gs = {(a, b): t for t, a, b in spans(g)}
-        ps = {(a, b): t for t, a, b in spans(p)}
+        gs = {(a, b): t for t, a, b in spans(g, strict=True)}
+        ps = {(a, b): t for t, a, b in spans(p, strict=True)}
         for span, t in gs.items():
             m[index[t]][index.get(ps.get(span, "O"), index["O"])] += 1
         for span, t in ps.items():

@@ -94,8 +94,10 @@ def detect_scheme(sentences: list[list[str]], requested: str, where) -> str:
             requested = "BIOES"
         elif all(iob2_violation(tags) is None for tags in sentences):
             return "IOB2"
-        else:
-            requested = "IOB1"
+        elif all(iob1_violation(tags) is None for tags in sentences):
+            return "IOB1"
+        else:  # neither: most data is meant as IOB2, so its first break is the useful one to report
+            requested = "IOB2"
     check = {"IOB1": iob1_violation, "IOB2": iob2_violation, "BIOES": bioes_violation}[requested]
     for i, tags in enumerate(sentences):
         j = check(tags)
@@ -122,9 +124,10 @@ def to_iob2(tags: list[str], scheme: str) -> list[str]:
     return out
 
 
-def spans(tags: list[str]) -> list[tuple[str, int, int]]:
+def spans(tags: list[str], strict: bool = False) -> list[tuple[str, int, int]]:
     """(type, first word, last word + 1) of each entity in IOB2 tags. An I- that does not continue its type starts
-    an entity (as transformers' pipeline groups predictions), so predicted sequences always decode."""
+    an entity (as transformers' pipeline groups predictions), so predicted sequences always decode; strict: it is
+    no entity (seqeval's strict mode, which the F1 figures use)."""
     out: list[list] = []
     for i, t in enumerate(tags):
         p, typ = _split(t)
@@ -132,7 +135,7 @@ def spans(tags: list[str]) -> list[tuple[str, int, int]]:
             continue
         if p == "I" and out and out[-1][0] == typ and out[-1][2] == i:
             out[-1][2] = i + 1
-        else:
+        elif p == "B" or not strict:
             out.append([typ, i, i + 1])
     return [tuple(s) for s in out]
 

@@ -19,6 +19,7 @@ _REGISTRY = {  # task name: (module, trainer-arguments kind)
     "sequence-classification": ("lora_ft.tasks.classification", "training"),
     "causal-lm": ("lora_ft.tasks.causal_lm", "sft"),
     "seq2seq": ("lora_ft.tasks.seq2seq", "seq2seq_training"),
+    "token-classification": ("lora_ft.tasks.token_classification", "training"),
 }
 TASKS = tuple(_REGISTRY)
 DEFAULT_TASK = TASKS[0]
