@@ -143,8 +143,18 @@ def encode(tok, inputs: list, args, return_tensors: Optional[str] = "pt"):
     """The model's input: each item (a raw text, or a list of words) as words through is_split_into_words.
     Training, eval, predict, serve, merge verification and export all call this."""
     words = [split_words(x)[0] if isinstance(x, str) else list(x) for x in inputs]
+    if spaced_words(tok):
+        words = [[w if i == 0 else " " + w for i, w in enumerate(ws)] for ws in words]
     return tok(words, is_split_into_words=True, truncation=True, max_length=args.max_length,
                padding=bool(return_tensors), return_tensors=return_tensors)
+
+
+def spaced_words(tok) -> bool:
+    """Byte-level BPE (GPT-2, SmolLM2, Llama 3) without add_prefix_space tokenizes each split word as if it began the
+    text: 'Merkel' -> M erk el, where running text has ĠMerkel. A leading space on every word but the first gives
+    exactly the running text's tokens (checked on SmolLM2), so the model sees words as it was pretrained on them."""
+    pre = repr(getattr(getattr(tok, "backend_tokenizer", None), "pre_tokenizer", None))
+    return "ByteLevel(" in pre and "add_prefix_space=False" in pre
 
 
 def first_positions(word_ids: list) -> list[int]:
@@ -415,7 +425,11 @@ def usage_snippet(adapter: bool, cls: str, head: list[str], rev: str, recipe: di
         "model.eval()",
         'text = "Angela Merkel visited Paris ."',
         f"words = re.findall({WORD.pattern!r}, text)",
-        f'inputs = tokenizer(words, is_split_into_words=True, truncation=True, max_length={max_length}, return_tensors="pt")',
+        "pre = repr(tokenizer.backend_tokenizer.pre_tokenizer)",
+        "# byte-level BPE: words after the first carry their leading space, as in running text (lora_ft does the same)",
+        'spaced = "ByteLevel(" in pre and "add_prefix_space=False" in pre',
+        'pieces = [" " + w if spaced and i else w for i, w in enumerate(words)]',
+        f'inputs = tokenizer(pieces, is_split_into_words=True, truncation=True, max_length={max_length}, return_tensors="pt")',
         "with torch.no_grad():",
         "    pred = model(**inputs).logits.argmax(-1)[0].tolist()",
         "seen = set()",
