@@ -160,6 +160,10 @@ def test_recipe_checks_for_token_classification(tmp_path):
         recipe_for("m", tmp_path, tag_scheme="BIO")
     with pytest.raises(RecipeError, match="clean_lowercase: apply to task: sequence-classification only"):
         recipe_for("m", tmp_path, clean_lowercase=True)
+    with pytest.raises(RecipeError, match="label_all_tokens: apply to task: token-classification only"):
+        resolve({"model_name_or_path": "m", "dataset_name": str(tmp_path), "label_all_tokens": True})
+    with pytest.raises(RecipeError, match="source_template: not a format string"):
+        resolve({"model_name_or_path": "m", "dataset_name": str(tmp_path), "source_template": "{"})
 
 
 # ---------------------------------------------------------------- a trained run, downstream

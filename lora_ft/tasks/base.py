@@ -71,12 +71,26 @@ TEXT_CLASSIFICATION_KEYS = ("clean_lowercase", "clean_urls", "clean_mentions", "
                             "drop_eval_leaks")
 
 
-def only_for(task_name: str, args, keys=TEXT_CLASSIFICATION_KEYS) -> list[str]:
-    """Keys of `keys` (plus augment, head_init: label_words) set in a recipe whose task does not use them."""
-    set_keys = [k for k in keys if getattr(args, k)] + (["augment"] if args.augment else [])
-    p = [f"{', '.join(set_keys)}: apply to task: {task_name} only"] if set_keys else []
-    if args.head_init == "label_words":
-        p.append(f"head_init: label_words applies to task: {task_name} only")
+# Token-classification keys: set away from their defaults in another task's recipe, they would do nothing.
+TOKEN_KEYS = ("tokens_column", "tags_column", "tag_scheme", "label_all_tokens")
+
+
+def only_for(task_name: str, args, keys=TEXT_CLASSIFICATION_KEYS, also=()) -> list[str]:
+    """Keys of `keys` (plus augment, head_init: label_words) set in a recipe whose task does not use them; `also`:
+    keys that count as set when they differ from their default."""
+    import dataclasses
+
+    if keys:
+        set_keys = [k for k in keys if getattr(args, k)] + (["augment"] if args.augment else [])
+        p = [f"{', '.join(set_keys)}: apply to task: {task_name} only"] if set_keys else []
+        if args.head_init == "label_words":
+            p.append(f"head_init: label_words applies to task: {task_name} only")
+    else:
+        p = []
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    changed = [k for k in also if getattr(args, k) != defaults[k]]
+    if changed:
+        p.append(f"{', '.join(changed)}: apply to task: token-classification only")
     return p
 
 

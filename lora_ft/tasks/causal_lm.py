@@ -17,7 +17,7 @@ from .. import cpu_lm_head
 from ..data import apply_column_map, load_eval_split, load_task_splits, split_off_eval, take
 from ..errors import DataError
 from ..trainers import lora_ft_trainer
-from .base import eval_rows, generation_check, generation_snippet, no_card_lines, no_reload_kwargs, only_for
+from .base import TOKEN_KEYS, eval_rows, generation_check, generation_snippet, no_card_lines, no_reload_kwargs, only_for
 
 NAME = "causal-lm"
 AUTO_CLASS = "AutoModelForCausalLM"
@@ -44,7 +44,7 @@ export_check = generation_check
 
 
 def recipe_problems(args, trainer: dict) -> list[str]:
-    return only_for("sequence-classification", args)
+    return only_for("sequence-classification", args, also=TOKEN_KEYS)
 
 
 def training_kwargs(args) -> dict:

@@ -19,7 +19,7 @@ from ..data import (
 from ..errors import DataError
 from ..textprep import clean_text
 from ..trainers import lora_ft_trainer, mean_loss
-from .base import eval_rows, head_snippet, labelled_reload_kwargs, no_data_checks
+from .base import TOKEN_KEYS, eval_rows, head_snippet, labelled_reload_kwargs, no_data_checks, only_for
 
 NAME = "sequence-classification"
 AUTO_CLASS = "AutoModelForSequenceClassification"
@@ -43,9 +43,12 @@ data_checks = no_data_checks
 
 
 def recipe_problems(args, trainer: dict) -> list[str]:
-    p = []
+    p = only_for("token-classification", args, keys=(), also=TOKEN_KEYS)
     if args.source_template:
-        fields = [f for _, f, _, _ in string.Formatter().parse(args.source_template) if f]
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(args.source_template) if f]
+        except ValueError as e:  # a lone brace: str.format would fail on the first example
+            return p + [f"source_template: not a format string ({e}); write literal braces as {{{{ and }}}}"]
         if fields != [args.text_column]:
             p.append(f"source_template: a classification template holds {{{args.text_column}}} (the text_column) exactly once, got {fields or 'no field'}")
     return p

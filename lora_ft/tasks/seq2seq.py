@@ -22,7 +22,7 @@ from ..data import (
 )
 from ..errors import DataError
 from ..trainers import lora_ft_trainer, mean_loss
-from .base import eval_rows, generation_check, generation_snippet, no_card_lines, no_data_checks, no_reload_kwargs, only_for
+from .base import TOKEN_KEYS, eval_rows, generation_check, generation_snippet, no_card_lines, no_data_checks, no_reload_kwargs, only_for
 
 NAME = "seq2seq"
 AUTO_CLASS = "AutoModelForSeq2SeqLM"
@@ -50,7 +50,7 @@ export_check = generation_check
 
 
 def recipe_problems(args, trainer: dict) -> list[str]:
-    p = only_for("sequence-classification", args)
+    p = only_for("sequence-classification", args, also=TOKEN_KEYS)
     if trainer.get("fp16"):
         p.append("fp16: T5-family models overflow to NaN in fp16; use bf16: true or fp32")
     return p
