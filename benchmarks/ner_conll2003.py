@@ -47,18 +47,19 @@ def lora_ft() -> str:
 def run_one(name: str, args, out: Path) -> dict:
     model, extra = CONFIGS[name]
     run_dir = out / f"ner-{name}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume
+    if not args.rescore:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume
     caps = [("--max_train_samples", args.max_train), ("--max_eval_samples", args.max_validation),
             ("--num_train_epochs", args.epochs)]
     cmd = [lora_ft(), "train", RECIPE, "--model_name_or_path", model, "--dataset_name", DATA, "--output_dir", str(run_dir),
            "--report_to", "none", "--disable_tqdm", "true", *extra, *(x for k, v in caps if v is not None for x in (k, str(v)))]
-    test = [lora_ft(), "eval", str(run_dir), "--dataset_name", DATA, "--split", "test"]
-    if args.max_test is not None:
-        test += ["--max_eval_samples", str(args.max_test)]
+    # The run's saved recipe carries the validation cap as max_eval_samples: the test split gets its own, all by default.
+    test = [lora_ft(), "eval", str(run_dir), "--dataset_name", DATA, "--split", "test",
+            "--max_eval_samples", str(args.max_test or 10**9)]
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     load_before, started = os.getloadavg(), time.time()
-    with open(out / f"ner-{name}.log", "w") as log:
-        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    with open(out / f"ner-{name}.log", "a" if args.rescore else "w") as log:
+        rc = 0 if args.rescore else subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         test_out = subprocess.run(test, cwd=ROOT, capture_output=True, text=True) if rc == 0 else None
         log.write(test_out.stderr if test_out else "")
     row = {"name": name, "command": " ".join(cmd[1:]).replace(str(ROOT) + "/", ""), "returncode": rc or (test_out.returncode if test_out else 0),
@@ -97,6 +98,7 @@ def main() -> int:
     p.add_argument("--max_validation", type=int, help="cap on validation sentences used for selection (default: all 3,250)")
     p.add_argument("--max_test", type=int, help="cap on test sentences (default: all 3,453)")
     p.add_argument("--quick", action="store_true", help="smoke sizes; results go to benchmarks/out/")
+    p.add_argument("--rescore", action="store_true", help="keep the trained run dirs (same caps), rerun only the test eval")
     args = p.parse_args()
     if args.quick:
         args.max_train, args.epochs, args.max_validation, args.max_test = 64, 1, 32, 32
@@ -108,7 +110,7 @@ def main() -> int:
     old = json.loads(json_path.read_text())["runs"] if json_path.is_file() and args.only else []
     info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "lora_ft_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-            "recipe": RECIPE, "dataset": DATA, "caps": {k: getattr(args, k) for k in ("max_train", "epochs", "max_validation", "max_test")},
+            "recipe": RECIPE, "dataset": DATA, "rescore": args.rescore, "caps": {k: getattr(args, k) for k in ("max_train", "epochs", "max_validation", "max_test")},
             "machine": machine()}
     fresh = {r["name"]: r for r in (run_one(n, args, out) for n in (args.only or CONFIGS))}
     rows = [fresh.pop(r["name"], r) for r in old] + list(fresh.values())  # --only replaces its rows, keeps the rest

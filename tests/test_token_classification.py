@@ -132,6 +132,14 @@ def test_integer_tags_take_names_from_labels_or_classlabel_features(tmp_path, ti
     assert first == rows[0]["ner_tags"] or sorted(first) == sorted(rows[0]["ner_tags"])  # row order is shuffled by take
 
 
+def test_bioes_data_with_bioes_labels_trains_on_iob2_names(tmp_path, tiny_bert):
+    rows = [{"tokens": ["Maria", "visited", "New", "York"], "ner_tags": [0, 4, 1, 3]}] * 4
+    path = write_ner_jsonl(tmp_path / "bioes.jsonl", rows)
+    data, _ = prepare(tiny_bert, path, eval_split="none", labels=["S-PER", "B-LOC", "I-LOC", "E-LOC", "O"])
+    assert data.label_names == ["B-PER", "B-LOC", "I-LOC", "O"]
+    assert any("BIOES detected; tags converted to IOB2" in n for n in data.notes)
+
+
 def test_first_subword_labelled_or_all_with_label_all_tokens(tmp_path, tiny_bert):
     rows = [{"tokens": ["Merkelstadtberg", "visited", "Paris"], "ner_tags": ["B-PER", "O", "B-LOC"]}] * 4
     path = write_ner_jsonl(tmp_path / "one.jsonl", rows)

@@ -216,8 +216,8 @@ def prepare_data(recipe, tokenizer) -> PreparedData:
     parts = [_rows(train, a, f"{a.dataset_name} [{a.train_split}]", a.labels, notes)]
     if eval_ds is not None:
         parts.append(_rows(eval_ds, a, f"{a.dataset_name} [{a.eval_split}]", a.labels, notes))
-    _iob2(parts, a, notes)
-    names = _label_names(parts, a)
+    scheme = _iob2(parts, a, notes)
+    names = _label_names(parts, a, scheme)
     index = {n: i for i, n in enumerate(names)}
     train_tok, _ = _tokenize(parts[0][0], parts[0][1], tokenizer, a, index, "train", notes)
     data = PreparedData(train_tok, None, names, notes=notes, train_tokens=int(sum(len(x) for x in train_tok["input_ids"])))
@@ -227,14 +227,15 @@ def prepare_data(recipe, tokenizer) -> PreparedData:
     return data
 
 
-def _label_names(parts, a) -> list[str]:
-    """IOB2 tag names in id order: from `labels:` (converted like the data), else every tag the splits hold."""
+def _label_names(parts, a, scheme: str) -> list[str]:
+    """IOB2 tag names in id order: from `labels:` (BIOES names mapped as the data: S- to B-, E- to I-), else every
+    tag the splits hold."""
     found = label_order(t for _, tags, _ in parts for s in tags for t in s)
     if not a.labels:
         # every B-X gets its I-X too: label_all_tokens and predictions on later subwords need it
         return label_order(found + ["I-" + t[2:] for t in found if t.startswith("B-")])
-    names = list(dict.fromkeys(to_iob2([str(x)], "IOB2" if a.tag_scheme == "auto" else a.tag_scheme)[0] if str(x) != "O" else "O"
-                               for x in a.labels))
+    bioes = {"S": "B", "E": "I"} if scheme == "BIOES" else {}
+    names = list(dict.fromkeys(bioes.get(str(x)[:1], str(x)[:1]) + str(x)[1:] for x in a.labels))
     missing = [t for t in found if t not in names]
     if missing:
         raise DataError(f"{a.tags_column}: tag(s) {', '.join(missing[:5])} not in labels [{', '.join(names)}]; add them to `labels:` or fix the data")
