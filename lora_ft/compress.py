@@ -96,7 +96,7 @@ def _measure(model, tok, recipe, split: Optional[str]) -> dict:
     t0 = time.perf_counter()
     m = get_task(recipe.args.task).evaluate_run(model, tok, recipe, split)
     dt = time.perf_counter() - t0
-    key = {"sequence-classification": "eval_accuracy", "causal-lm": "eval_perplexity", "seq2seq": "eval_f1"}[recipe.args.task]
+    key = task.COMPRESS_METRIC
     return {"metric_name": key, "metric": m[key], "latency_ms_per_example": 1000 * dt / max(m.get("eval_samples", 1), 1),
             "eval_samples": m.get("eval_samples")}
 

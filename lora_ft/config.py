@@ -20,8 +20,7 @@ import yaml
 
 from .errors import RecipeError
 from .recipe_checks import ineffective_keys, settle_strategies, value_problems
-
-TASKS = ("sequence-classification", "causal-lm", "seq2seq")
+from .tasks import DEFAULT_TASK, TASKS, trainer_kind
 RECIPE_FILE = "lora_ft_recipe.yaml"
 
 
@@ -37,7 +36,7 @@ class LoraFtArguments:
 
     # --- model
     model_name_or_path: Optional[str] = _f(None, "Hub id, local folder, or builtin:NAME (see `lora-ft models list`)")
-    task: str = _f("sequence-classification", "one of " + ", ".join(TASKS))
+    task: str = _f(DEFAULT_TASK, "one of " + ", ".join(TASKS))
     trust_remote_code: bool = _f(False, "run modelling code shipped with the model (off: it executes foreign code)")
     allow_pickle: bool = _f(False, "accept pickled .bin weights; safetensors only otherwise")
     dtype: str = _f("float32", "weight dtype at load: float32 keeps fp32 master weights under bf16 autocast")
@@ -54,6 +53,11 @@ class LoraFtArguments:
     label_column: str = _f("label", "column holding the label (string or int)")
     labels: Optional[list] = _f(None, "label names in id order; default: sorted labels found in train")
     max_length: int = _f(512, "tokens per example; longer inputs are truncated")
+    # --- token-classification (issue 19)
+    tokens_column: str = _f("tokens", "token-classification: column holding each sentence's words (a list)")
+    tags_column: str = _f("ner_tags", "token-classification: column holding one tag per word (strings, or ids into labels)")
+    tag_scheme: str = _f("auto", "token-classification: auto, IOB1, IOB2 or BIOES; tags are converted to IOB2 for training")
+    label_all_tokens: bool = _f(False, "token-classification: label every subword of a word (false: the first; the rest -100)")
     max_train_samples: Optional[int] = _f(None, "cap on training rows (seeded shuffle first)")
     max_eval_samples: Optional[int] = _f(None, "cap on eval rows (seeded shuffle first)")
     # --- causal-lm / seq2seq (issue 3)
@@ -120,15 +124,11 @@ OUR_FIELDS = {f.name: f for f in dataclasses.fields(LoraFtArguments)}
 OUR_TYPES = typing.get_type_hints(LoraFtArguments)
 
 
-# The trainer-arguments class (lora_ft.trainer_keys.CLASSES) whose fields a recipe for each task may also set.
-TRAINER_KIND = {"sequence-classification": "training", "causal-lm": "sft", "seq2seq": "seq2seq"}
-
-
 def trainer_args_class(task: str):
     """The trainer-arguments class whose fields a recipe for `task` may also set (imports transformers)."""
     from .trainer_keys import import_class
 
-    return import_class(TRAINER_KIND[task])
+    return import_class(trainer_kind(task))
 
 
 # Keys that exist in the trainer class too but lora_ft owns: ours wins, and we pass it on where it applies.
@@ -231,7 +231,7 @@ def resolve(raw: dict[str, Any], source: Optional[str] = None, *, check_trainer:
     task = raw.get("task", OUR_FIELDS["task"].default)
     if task not in TASKS:
         problems.append(f"task: '{task}' is not one of {', '.join(TASKS)}")
-        task = "sequence-classification"
+        task = DEFAULT_TASK
     trainer_fields = _trainer_fields(task) if check_trainer else {}
     for key, value in raw.items():
         if not isinstance(key, str):
@@ -275,7 +275,7 @@ def resolve(raw: dict[str, Any], source: Optional[str] = None, *, check_trainer:
 def _trainer_fields(task: str) -> dict[str, Any]:
     from .trainer_keys import trainer_fields  # a snapshot: no transformers import, so mistakes are reported in ~1 s
 
-    return {k: tp for k, tp in trainer_fields(TRAINER_KIND[task]).items() if k not in SHARED_KEYS}
+    return {k: tp for k, tp in trainer_fields(trainer_kind(task)).items() if k not in SHARED_KEYS}
 
 
 # ---------------------------------------------------------------- types

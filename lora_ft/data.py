@@ -13,15 +13,19 @@ from typing import Optional
 
 from .errors import DataError
 
-EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tsv": "csv"}
+EXTENSIONS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".tsv": "csv", ".conll": "conll",
+              ".txt": "conll"}
+CONLL_LINE = "_line"  # column of CoNLL-read rows: the file line each sentence starts on, for error messages
 # Names a split file may carry in a local folder, by split.
 SPLIT_ALIASES = {"test": ("test",), "validation": ("validation", "valid", "val", "dev"), "dev": ("dev", "validation")}
+SPLIT_NAMES = {"train", *(n for names in SPLIT_ALIASES.values() for n in names)}
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
     found = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in EXTENSIONS:
+        # .txt is CoNLL data only under a split's name: a folder's README.txt or notes.txt is not a split
+        if p.is_file() and p.suffix.lower() in EXTENSIONS and (p.suffix.lower() != ".txt" or p.stem in SPLIT_NAMES):
             found.setdefault(p.stem, p)
     return found
 
@@ -87,6 +91,9 @@ def _read_file(path: Path, split_label: str):
     import datasets
 
     fmt = EXTENSIONS[path.suffix.lower()]
+    if fmt == "conll":
+        _check_utf8(path)
+        return read_conll(path)
     kwargs = {}
     if path.suffix.lower() == ".tsv":
         # TSV has no quoting: a text that starts with '"' would otherwise swallow the rows up to the next quote.
@@ -111,6 +118,38 @@ def _read_file(path: Path, split_label: str):
     return ds
 
 
+def read_conll(path: Path):
+    """CoNLL column format: one token per line, its tag in the last column, blank lines between sentences,
+    `-DOCSTART-` lines skipped. Rows: tokens, ner_tags and the line each sentence starts on."""
+    import datasets
+
+    tokens, tags, starts = [], [], []
+    words: list[str] = []
+    labels: list[str] = []
+    start = 0
+    with open(path, encoding="utf-8") as fh:
+        for n, raw in enumerate(fh, 1):
+            line = raw.strip()
+            if not line or line.startswith("-DOCSTART-"):
+                if words:
+                    tokens.append(words), tags.append(labels), starts.append(start)
+                words, labels = [], []
+                continue
+            cols = line.split()
+            if len(cols) < 2:
+                raise DataError(f"{path} line {n}: one column ('{line[:40]}'); CoNLL lines hold the token and its tag "
+                                "in the last column, separated by whitespace")
+            if not words:
+                start = n
+            words.append(cols[0])
+            labels.append(cols[-1])
+    if words:
+        tokens.append(words), tags.append(labels), starts.append(start)
+    if not tokens:
+        raise DataError(f"{path}: no sentences; a CoNLL file holds one 'token ... tag' line per token")
+    return datasets.Dataset.from_dict({"tokens": tokens, "ner_tags": tags, CONLL_LINE: starts})
+
+
 def _find_split(files: dict[str, Path], split: str) -> Optional[Path]:
     for name in SPLIT_ALIASES.get(split, (split,)):
         if name in files:
@@ -128,7 +167,7 @@ def load_splits(dataset_name: str, train_split: str, eval_split: Optional[str], 
             return _read_file(path, "train"), None, f"{path.name} used as the train split"
         files = _split_files(path)
         if not files:
-            raise DataError(f"{path}: no data files (.csv, .json, .jsonl, .parquet) in this folder")
+            raise DataError(f"{path}: no data files (.csv, .json, .jsonl, .parquet, .conll) in this folder")
         train_file = _find_split(files, train_split)
         if train_file is None and len(files) == 1:  # one file in a folder: it is the training data
             (only,) = files.values()

@@ -53,8 +53,11 @@ def static_checks(recipe, engine: Optional[str] = None) -> tuple[list[Check], di
     if a.trust_remote_code:
         out.append(Check("remote code", WARN, "trust_remote_code: true runs Python from the model repo; keep it off unless you trust it"))
 
-    decoder = not getattr(config, "is_encoder_decoder", False) and a.task != "seq2seq"
-    if a.task == "sequence-classification":
+    from .tasks import get_task
+
+    task = get_task(a.task)
+    decoder = not getattr(config, "is_encoder_decoder", False) and not task.ENCODER_DECODER
+    if task.HAS_HEAD:
         if raw_tok.pad_token is None:
             out.append(Check("pad token", WARN, f"the tokenizer has no pad token: lora_ft sets pad = {raw_tok.eos_token!r} in the tokenizer "
                                                 "and pad_token_id in the model config (both saved with the run)", fixed=True))
@@ -78,25 +81,25 @@ def static_checks(recipe, engine: Optional[str] = None) -> tuple[list[Check], di
     elif a.load_in_4bit or a.load_in_8bit:
         out.append(Check("quantization", PASS, f"{'4' if a.load_in_4bit else '8'}-bit base via bitsandbytes" + (f" with {engine}" if engine else "")))
 
-    if a.task == "sequence-classification" and a.use_peft:
+    if task.HAS_HEAD and a.use_peft:
         try:
-            out.append(_head_check(config, path, a, HEAD_NAMES))
+            out.append(_head_check(config, path, a, HEAD_NAMES, task.AUTO_CLASS))
         except Exception as e:  # an architecture that cannot be built on the meta device: say so, do not block
             out.append(Check("classifier head", WARN, f"not checked for this architecture ({type(e).__name__})"))
     out.append(_memory_check(config, recipe))
     return out, {"config": config, "raw_tok": raw_tok, "decoder": decoder}
 
 
-def _head_check(config, path: str, a, head_names) -> Check:
+def _head_check(config, path: str, a, head_names, auto_class: str) -> Check:
     """The classifier head must be trained and saved: new heads go to modules_to_save; a head the checkpoint
     already has stays frozen under LoRA unless listed, which silently trains nothing on top."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+    import transformers
 
     config = copy.deepcopy(config)
     config.num_labels = len(a.labels) if a.labels else 2
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config)
+        model = getattr(transformers, auto_class).from_config(config)
     heads = sorted({name.split(".")[0] for name, _ in model.named_parameters() if name.split(".")[0] in head_names})
     saved = _checkpoint_keys(path)
     wanted = set(a.lora_modules_to_save or [])
@@ -162,8 +165,7 @@ def data_checks(recipe, tok, task) -> tuple[list[Check], object]:
     notes = "; ".join(data.notes)
     out = [Check("data", WARN if any("dropped" in n for n in data.notes) else PASS,
                  f"{a.dataset_name}: sample of {len(data.train)} train / {n_eval} eval rows prepared" + (f" ({notes})" if notes else ""))]
-    if recipe.args.task == "causal-lm":
-        out += sft_label_checks(tok, data, r)
+    out += task.data_checks(tok, data, r)
     return out, data
 
 

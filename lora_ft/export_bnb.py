@@ -21,12 +21,10 @@ MIN_AGREEMENT = 0.5  # below this the 4-bit model is not the same model any more
 
 def export_bnb4(model_dir: str, output: str, inputs: Optional[list[str]] = None, overwrite: bool = False,
                 trust: Trust = NONE) -> dict:
-    import torch
-
     from .compress import _nf4, _weights_mb
     from .export_onnx import REPORT_FILE, SAMPLE_TEXTS
-    from .inference import load_run, render_prompt
-    from .tasks.classification import render_texts
+    from .inference import load_run
+    from .tasks import get_task
 
     src = Path(model_dir)
     if not (src / "config.json").is_file():
@@ -42,25 +40,7 @@ def export_bnb4(model_dir: str, output: str, inputs: Optional[list[str]] = None,
                 shutil.copy2(src / name, tmp / name)
         reloaded, _, _ = load_run(tmp, trust)  # exactly what a user gets from the folder
         quantized = sum(1 for m in reloaded.modules() if type(m).__name__ == "Linear4bit")
-        with torch.no_grad():
-            if recipe.args.task == "sequence-classification":
-                enc = tok(render_texts(texts, recipe.args), padding=True, truncation=True, max_length=recipe.args.max_length, return_tensors="pt")
-                a, b = model(**enc).logits.float(), reloaded(**enc).logits.float()
-                agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-                check = {"label_agreement": agree, "max_abs_prob_diff": float((a.softmax(-1) - b.softmax(-1)).abs().max())}
-            else:
-                same = total = 0
-                for t in texts:
-                    ids = (tok(t, return_tensors="pt")["input_ids"] if getattr(model.config, "is_encoder_decoder", False)
-                           else torch.tensor([render_prompt(tok, t, bool(recipe.args.use_chat_template))]))
-                    kw = dict(max_new_tokens=16, do_sample=False)
-                    x = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)[0].tolist()
-                    y = reloaded.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)[0].tolist()
-                    n = min(len(x), len(y))
-                    same += sum(int(p == q) for p, q in zip(x[:n], y[:n]))
-                    total += max(len(x), len(y))
-                agree = same / max(total, 1)
-                check = {"greedy_token_agreement": agree}
+        check, agree = get_task(recipe.args.task).export_check(model, reloaded, tok, texts, recipe.args)
         report = {"source": str(src), "format": "bnb4", "quant_type": "nf4", "linear4bit_layers": quantized,
                   "size_mb": round(_weights_mb(tmp), 2), "original_size_mb": round(_weights_mb(src), 2), "n_inputs": len(texts), **check,
                   "verified": quantized > 0 and agree >= MIN_AGREEMENT}

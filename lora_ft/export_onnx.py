@@ -27,12 +27,15 @@ SAMPLE_TEXTS = [
     "I can't believe how good this new phone is, the battery lasts forever!",
 ]
 OPSET = 18
+GRAPHS = ("logits", "token-logits", "encoder-decoder")  # the graph kinds a task's ONNX_GRAPH may name
 # The wrappers below are exported in eval mode (`.eval()`): the exporter puts a module back into the mode it
 # found it in, and a fresh wrapper is in training mode, so the wrapped model came back with dropout on and the
 # torch side of the verification (and anything run after) went random.
 
 
-def _classification(model, tok, tmp: Path, texts: list[str]) -> dict:
+def _classification(model, tok, tmp: Path, texts: list[str], encode, per_token: bool = False) -> dict:
+    """encode(texts, return_tensors) -> model inputs, the task's own inference encoding; per_token: logits per position
+    (token classification), so the sequence axis of the output is dynamic too."""
     import numpy as np
     import onnxruntime as ort
     import torch
@@ -48,22 +51,23 @@ def _classification(model, tok, tmp: Path, texts: list[str]) -> dict:
         def forward(self, input_ids, attention_mask):
             return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    enc = tok(texts[:2], padding=True, return_tensors="pt")
+    enc = encode(texts[:2], "pt")
     path = tmp / "model.onnx"
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+            "logits": {0: "batch", 1: "seq"} if per_token else {0: "batch"}}
     with torch.no_grad():
         torch.onnx.export(Classifier(model).eval(), (enc["input_ids"], enc["attention_mask"]), str(path), input_names=["input_ids", "attention_mask"],
                           output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diffs, agree = [], []
     for text in texts:  # one at a time and as a padded batch: both shapes must work
-        e = tok([text], return_tensors="np")
+        e = encode([text], "np")
         got = sess.run(None, {"input_ids": e["input_ids"].astype(np.int64), "attention_mask": e["attention_mask"].astype(np.int64)})[0]
         with torch.no_grad():
             ref = model(input_ids=torch.from_numpy(e["input_ids"]), attention_mask=torch.from_numpy(e["attention_mask"])).logits.numpy()
         diffs.append(float(np.abs(got - ref).max()))
         agree.append(bool((got.argmax(-1) == ref.argmax(-1)).all()))
-    eb = tok(texts, padding=True, return_tensors="np")
+    eb = encode(texts, "np")
     batch = sess.run(None, {"input_ids": eb["input_ids"].astype(np.int64), "attention_mask": eb["attention_mask"].astype(np.int64)})[0]
     with torch.no_grad():
         ref_b = model(**{k: torch.from_numpy(v) for k, v in eb.items() if k in ("input_ids", "attention_mask")}).logits.numpy()
@@ -146,12 +150,19 @@ def export_onnx(model_dir: str, output: str, inputs: Optional[list[str]] = None,
     check_output(Path(output), REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output")
     model, tok, recipe = load_run(src, trust)
     model = model.float().eval()
-    task = recipe.args.task
-    if task == "causal-lm":
-        raise LoraFtError("export --format onnx: causal LMs are exported with --format gguf; onnx covers classification and seq2seq")
+    from .tasks import get_task
+
+    a = recipe.args
+    task, graph = a.task, get_task(a.task).ONNX_GRAPH
+    if graph not in GRAPHS:
+        raise LoraFtError(f"export --format onnx: a {task} model has no ONNX graph here; export it with --format gguf")
     texts = inputs or SAMPLE_TEXTS
     with output_dir(output, REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output") as tmp:
-        check = _classification(model, tok, tmp, texts) if task == "sequence-classification" else _seq2seq(model, tok, tmp, texts)
+        if graph == "encoder-decoder":
+            check = _seq2seq(model, tok, tmp, texts)
+        else:
+            encode = lambda t, kind: get_task(task).encode(tok, t, a, return_tensors=kind)  # noqa: E731
+            check = _classification(model, tok, tmp, texts, encode, per_token=graph == "token-logits")
         ok = check.get("argmax_agreement", check.get("greedy_token_agreement")) == 1.0 and check.get("max_abs_logit_diff", 0.0) < 1e-3
         report = {"source": str(src), "format": "onnx", "task": task, "opset": OPSET, "n_inputs": len(texts), **check, "verified": ok}
         if not ok:

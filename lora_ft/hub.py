@@ -29,6 +29,7 @@ from .merge import REPORT_FILE
 from .runs import METRICS_FILE
 from .outputs import check_output, output_dir
 from .security import portable, redact, redact_text
+from .tasks import DEFAULT_TASK, get_task
 
 CARD_FILE = "README.md"
 CARD_MARK = "and published with `lora-ft push`"  # in every card stage() writes: how --output knows a staging of ours
@@ -41,16 +42,6 @@ MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DATA_SUFFIXES = (".csv", ".json", ".jsonl", ".parquet", ".txt", ".tsv", ".arrow")
 
-PIPELINE_TAGS = {
-    "sequence-classification": "text-classification",
-    "causal-lm": "text-generation",
-    # transformers 5 dropped the text2text-generation pipeline ("use text-generation"); the Hub tag follows it.
-    "seq2seq": "text-generation",
-}
-PEFT_CLASSES = {"sequence-classification": "AutoPeftModelForSequenceClassification",
-                "causal-lm": "AutoPeftModelForCausalLM", "seq2seq": "AutoPeftModelForSeq2SeqLM"}
-AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification",
-                "causal-lm": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM"}
 # Hub repo names: letters, digits, - _ . ; no leading/trailing - or ., no "--" or "..", at most 96 characters.
 _HUB_ID = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,94}[A-Za-z0-9])?(/[A-Za-z0-9]([A-Za-z0-9._-]{0,94}[A-Za-z0-9])?)?$")
 
@@ -293,13 +284,13 @@ def _uses_chat(recipe: dict, staged: Path) -> bool:
 def model_card(*, kind: str, repo_id: str, revision: str, recipe: dict, base: Optional[str], metrics: dict,
                report: Optional[dict], files: list[str], chat: bool, metrics_from: Optional[str] = None,
                adapter_cfg: Optional[dict] = None) -> str:
-    task = recipe.get("task") or "sequence-classification"
+    task = recipe.get("task") or DEFAULT_TASK
     quant = _quantization(recipe)
     meta: dict[str, Any] = {}
     if base:
         meta["base_model"] = base
     meta["library_name"] = "peft" if kind == ADAPTER else "transformers"
-    meta["pipeline_tag"] = PIPELINE_TAGS.get(task, "text-generation")
+    meta["pipeline_tag"] = get_task(task).PIPELINE_TAG
     tags = (["lora"] if recipe.get("use_peft", True) else []) + ["lora_ft", task]
     if quant:
         tags.append("qlora")
@@ -323,9 +314,7 @@ def model_card(*, kind: str, repo_id: str, revision: str, recipe: dict, base: Op
     if data:
         lines.append(f"- **Dataset:** {_link(dataset, 'datasets/') if dataset else f'`{data}` (local data)'}"
                      + (f", config `{recipe['dataset_config']}`" if recipe.get("dataset_config") else ""))
-    labels = recipe.get("labels")
-    if task == "sequence-classification" and labels:
-        lines.append("- **Labels (id order):** " + ", ".join(f"`{i}`: {lab}" for i, lab in enumerate(labels)))
+    lines += get_task(task).card_lines(recipe)
     lines.append("")
 
     lines += _metrics_section(metrics, files, metrics_from)
@@ -406,8 +395,6 @@ def _metrics_section(metrics: dict, files: list[str], metrics_from: Optional[str
 _HYPER = ("lora_r", "lora_alpha", "lora_dropout", "use_dora", "use_rslora", "init_lora_weights", "learning_rate",
           "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
           "gradient_accumulation_steps", "weight_decay", "max_length", "dtype", "bf16", "fp16", "seed")
-_TASK_HYPER = {"causal-lm": ("dataset_format", "use_chat_template", "packing"),
-               "seq2seq": ("source_template", "max_target_length", "generation_max_new_tokens")}
 
 
 def _hyperparameter_section(recipe: dict, quant: Optional[str], adapter_cfg: Optional[dict]) -> list[str]:
@@ -419,7 +406,7 @@ def _hyperparameter_section(recipe: dict, quant: Optional[str], adapter_cfg: Opt
         saved = cfg.get("modules_to_save") or recipe.get("lora_modules_to_save")
         out.append(f"| LoRA target modules | {_fmt(sorted(set(targets)) if isinstance(targets, list) else targets)} |")
         out.append(f"| fully trained modules (modules_to_save) | {_fmt(sorted(set(saved)) if saved else None)} |")
-    for k in _HYPER + _TASK_HYPER.get(recipe.get("task"), ()):
+    for k in _HYPER + get_task(recipe.get("task") or DEFAULT_TASK).CARD_HYPER:
         if k not in recipe or (not lora and k.startswith(("lora_", "use_dora", "use_rslora", "init_lora"))):
             continue
         if k in ("max_steps", "gradient_accumulation_steps") and (recipe[k] is None or recipe[k] <= (0 if k == "max_steps" else 1)):
@@ -479,56 +466,14 @@ def _provenance_section(kind: str, recipe: dict, base: Optional[str], report: Op
 
 
 def usage_snippet(kind: str, task: str, repo_id: str, revision: str, recipe: dict, chat: bool) -> str:
+    """Python that loads the pushed repo and runs it: the imports here, the rest from the task."""
+    t = get_task(task)
     rev = f', revision="{revision}"' if revision and revision != "main" else ""
-    labels = recipe.get("labels")
-    max_length = recipe.get("max_length") or 512
-    if kind == ADAPTER:
-        cls, module = PEFT_CLASSES.get(task, "AutoPeftModelForCausalLM"), "peft"
-    else:
-        cls, module = AUTO_CLASSES.get(task, "AutoModelForCausalLM"), "transformers"
-    head = ["import torch", f"from {module} import {cls}" if module == "peft" else
-            f"from transformers import AutoTokenizer, {cls}"]
-    if module == "peft":
-        head.append("from transformers import AutoTokenizer")
+    cls = t.PEFT_CLASS if kind == ADAPTER else t.AUTO_CLASS
+    head = ["import torch", f"from peft import {cls}", "from transformers import AutoTokenizer"] if kind == ADAPTER else \
+        ["import torch", f"from transformers import AutoTokenizer, {cls}"]
     head += ["", f'repo = "{repo_id}"', f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})"]
-    if task == "sequence-classification":
-        if kind == ADAPTER:
-            # peft builds the base from the base's own config: the head size and label names must be passed.
-            head += [f"labels = {json.dumps(list(labels or []))}  # id order, as trained",
-                     f"model = {cls}.from_pretrained(",
-                     f"    repo{rev}, num_labels=len(labels), id2label=dict(enumerate(labels)),",
-                     "    label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)"]
-        else:
-            head += [f"model = {cls}.from_pretrained(repo{rev})", "labels = model.config.id2label"]
-        return "\n".join(head + [
-            "model.eval()",
-            f'inputs = tokenizer(["what a great day"], truncation=True, max_length={max_length}, return_tensors="pt")',
-            "with torch.no_grad():",
-            "    probs = model(**inputs).logits.softmax(-1)[0]",
-            "print(labels[int(probs.argmax())], float(probs.max()))"])
-    new_tokens = recipe.get("generation_max_new_tokens") or 64
-    head += [f"model = {cls}.from_pretrained(repo{rev})", "model.eval()"]
-    if task == "seq2seq":
-        template = recipe.get("source_template")
-        example = template if template else "question: What color is the sky? context: The sky is blue."
-        head += [f"source = {json.dumps(example)}" + ("  # fill in the fields of source_template" if template else ""),
-                 f'inputs = tokenizer(source, truncation=True, max_length={max_length}, return_tensors="pt")',
-                 "with torch.no_grad():",
-                 f"    output = model.generate(**inputs, max_new_tokens={new_tokens}, do_sample=False)",
-                 "print(tokenizer.decode(output[0], skip_special_tokens=True))"]
-        return "\n".join(head)
-    if chat:
-        msgs = ([{"role": "system", "content": recipe["system_prompt"]}] if recipe.get("system_prompt") else [])
-        msgs.append({"role": "user", "content": "Write a haiku about rain"})
-        head += [f"messages = {json.dumps(msgs, ensure_ascii=False)}",
-                 "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, "
-                 'return_tensors="pt")']
-    else:
-        head += ['inputs = tokenizer("Write a haiku about rain", return_tensors="pt")']
-    head += ["with torch.no_grad():",
-             f"    output = model.generate(**inputs, max_new_tokens={new_tokens}, do_sample=False)",
-             'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
-    return "\n".join(head)
+    return t.usage_snippet(kind == ADAPTER, cls, head, rev, recipe, chat)
 
 
 _DESCRIPTIONS = {

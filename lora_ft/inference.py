@@ -1,4 +1,4 @@
-"""Loading a finished run dir for inference, and classification predictions over texts."""
+"""Loading a finished run dir for inference, reading input texts, and generation (labelled-head predictions are\nthe task modules' `predict`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def load_run(run_dir: str | Path, trust: Trust = NONE):
     task = get_task(a.task)
     tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=a.trust_remote_code)
     fix_pad_token(tok)
-    extra = task.label_kwargs(a.labels) if a.labels and hasattr(task, "label_kwargs") else {}
+    extra = task.reload_kwargs(a)
     if (p / "adapter_config.json").is_file():
         model, _ = load_model(a, auto_class(task), training=False, **extra)
         task.setup_model(model, tok)
@@ -44,28 +44,6 @@ def load_run(run_dir: str | Path, trust: Trust = NONE):
         model.generation_config = GenerationConfig.from_pretrained(str(p))
     model.eval()
     return model, tok, recipe
-
-
-def classify(model, tok, texts: list[str], recipe: Recipe, batch_size: int = 32, pairs: Optional[list[str]] = None) -> list[dict]:
-    """One {"text", "label", "score", "scores"} per text, in input order."""
-    import torch
-
-    from .tasks.classification import render_texts
-
-    names = [model.config.id2label[i] for i in range(len(model.config.id2label))] if not recipe.args.labels else list(recipe.args.labels)
-    out = []
-    device = next(model.parameters()).device
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i : i + batch_size]
-        pair = pairs[i : i + batch_size] if pairs else None
-        enc = tok(render_texts(chunk, recipe.args), pair, truncation=True, max_length=recipe.args.max_length, padding=True, return_tensors="pt").to(device)
-        with torch.no_grad():
-            probs = model(**enc).logits.float().softmax(-1).cpu()
-        for text, row in zip(chunk, probs):
-            j = int(row.argmax())
-            out.append({"text": text, "label": names[j], "score": round(float(row[j]), 6),
-                        "scores": {n: round(float(v), 6) for n, v in zip(names, row.tolist())}})
-    return out
 
 
 def read_texts(path: str, column: str = "text") -> list[str]:
@@ -86,7 +64,8 @@ def read_texts(path: str, column: str = "text") -> list[str]:
     ds = _read_file(p, "input")
     if column not in ds.column_names:
         raise DataError(f"--input {path}: no column '{column}' (columns: {', '.join(ds.column_names)}); pass --text_column")
-    return [str(t) for t in ds[column]]
+    # a list is a pre-tokenized sentence (token classification): kept as words
+    return [t if isinstance(t, list) else str(t) for t in ds[column]]
 
 
 def batched(items: Iterable, n: int):

@@ -72,7 +72,9 @@ def weight_bytes(args) -> int:
 
 def head_kind(task: str) -> str:
     """How a task's training computes logits: none (a classifier head), chunked (causal LM) or full (seq2seq)."""
-    return {"sequence-classification": "none", "causal-lm": "chunked"}.get(task, "full")
+    from .tasks import get_task
+
+    return get_task(task).MEMORY_HEAD
 
 
 def _logit_bytes(kind: str, tokens: int, vocab: int, cuda: bool) -> float:

@@ -30,26 +30,13 @@ class MergeCheckFailed(LoraFtError):
     """The merged model does not reproduce the adapter model within tolerance."""
 
 
-def verification_inputs(run_dir: Path, task: str, given: Optional[list[str]], n: int = N_VERIFY) -> tuple[list[str], list]:
-    """(inputs, references) from the run's own eval outputs, or the texts the user gave (no references)."""
+def verification_inputs(run_dir: Path, task: str, given: Optional[list[str]], n: int = N_VERIFY) -> tuple[list, list]:
+    """(inputs, references) from the run's own eval outputs (the task says which), or the texts the user gave."""
+    from .tasks import get_task
+
     if given:
         return given[:n], []
-    if task == "sequence-classification":
-        path, key, ref = run_dir / "eval_predictions.jsonl", "text", "label"
-    elif task == "seq2seq":
-        path, key, ref = run_dir / "eval_predictions.jsonl", "source", "references"
-    else:
-        path, key, ref = run_dir / "eval_generations.jsonl", "prompt", "reference"
-    if not path.is_file():
-        raise LoraFtError(f"merge: {run_dir} has no {path.name} to verify with; pass --inputs FILE (one text per line)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    seen, inputs, refs = set(), [], []
-    for r in rows:
-        if r[key] not in seen:
-            seen.add(r[key])
-            inputs.append(r[key])
-            refs.append(r.get(ref))
-    return inputs[:n], refs[:n]
+    return get_task(task).verify_inputs(run_dir, n)
 
 
 def _fingerprint(run_dir: Path, dtype: str, inputs: list[str]) -> str:
@@ -88,7 +75,7 @@ def _load(run_dir: Path, recipe, dtype: str, quantized: bool):
     a = recipe.args
     task = get_task(a.task)
     args = a if quantized else replace(a, load_in_4bit=False, load_in_8bit=False, dtype=dtype)
-    extra = task.label_kwargs(a.labels) if a.labels and hasattr(task, "label_kwargs") else {}
+    extra = task.reload_kwargs(a)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(run_dir), trust_remote_code=a.trust_remote_code)
@@ -99,26 +86,11 @@ def _load(run_dir: Path, recipe, dtype: str, quantized: bool):
     return model, tok
 
 
-def _logits(model, tok, inputs: list[str], task: str, max_length: int, chat: bool, system_prompt):
-    """Per-input logits: classifier logits, or next-token logits over the prompt (teacher forcing)."""
-    import torch
+def _logits(model, tok, inputs: list, args) -> list:
+    """Per-input logits through the task's own inference encoding: what predict / generate give the model."""
+    from .tasks import get_task
 
-    from .inference import render_prompt
-
-    outs = []
-    with torch.no_grad():
-        for text in inputs:
-            if task == "sequence-classification":
-                enc = tok([text], truncation=True, max_length=max_length, return_tensors="pt")
-                outs.append(model(**enc).logits[0].float())
-            elif task == "seq2seq":
-                enc = tok([text], truncation=True, max_length=max_length, return_tensors="pt")
-                start = torch.tensor([[model.config.decoder_start_token_id]])
-                outs.append(model(**enc, decoder_input_ids=start).logits[0].float())
-            else:
-                ids = torch.tensor([render_prompt(tok, text, chat, system_prompt)[:max_length]])
-                outs.append(model(input_ids=ids).logits[0].float())
-    return outs
+    return get_task(args.task).verify_logits(model, tok, inputs, args)
 
 
 def _compare(ref, new) -> dict:
@@ -129,12 +101,12 @@ def _compare(ref, new) -> dict:
             "logit_scale": scale, "argmax_agreement": sum(agree) / len(agree)}
 
 
-def _metric(logits, refs, labels, task: str) -> Optional[float]:
-    """Accuracy against the eval labels for classification (the task metric the run reported)."""
-    if task != "sequence-classification" or not refs or refs[0] is None:
-        return None
-    preds = [labels[int(x.argmax())] for x in logits]
-    return sum(p == r for p, r in zip(preds, refs)) / len(refs)
+def _metric(logits, refs, args) -> tuple[Optional[str], Optional[float]]:
+    """The task metric against the eval references (accuracy for classifiers), or (None, None)."""
+    from .tasks import get_task
+
+    got = get_task(args.task).verify_metric(logits, refs, args)
+    return got if got is not None else (None, None)
 
 
 def merge_run(run_dir: str, output: str, dtype: str = "float32", force: bool = False,
@@ -154,12 +126,11 @@ def merge_run(run_dir: str, output: str, dtype: str = "float32", force: bool = F
         report["status"] = "up to date (no-op)"
         return report
 
-    chat = bool(a.use_chat_template)
     # 1. the adapter on a full-precision base, before merging: the reference
     model, tok = _load(run, recipe, dtype, quantized=False)
-    ref = _logits(model, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+    ref = _logits(model, tok, texts, a)
     merged = model.merge_and_unload()
-    new = _logits(merged, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+    new = _logits(merged, tok, texts, a)
     check = _compare(ref, new)
     atol, rtol, floor = TOLERANCE[dtype]
     tol = atol + rtol * check["logit_scale"]
@@ -167,9 +138,8 @@ def merge_run(run_dir: str, output: str, dtype: str = "float32", force: bool = F
               "base_model": a.model_name_or_path, "trained_quantized": bool(a.load_in_4bit or a.load_in_8bit),
               "adapter_vs_merged": check, "tolerance": {"max_abs_logit_diff": tol, "argmax_agreement": floor},
               "fingerprint": fp}
-    labels = list(a.labels or [])
-    report["metric"] = {"name": "accuracy" if _metric(ref, refs, labels, a.task) is not None else None,
-                        "adapter": _metric(ref, refs, labels, a.task), "merged": _metric(new, refs, labels, a.task)}
+    name, adapter_score = _metric(ref, refs, a)
+    report["metric"] = {"name": name, "adapter": adapter_score, "merged": _metric(new, refs, a)[1]}
     problems = []
     if check["max_abs_logit_diff"] > tol:
         problems.append(f"max |logit diff| {check['max_abs_logit_diff']:.3g} > tolerance {tol:.3g}")
@@ -179,12 +149,12 @@ def merge_run(run_dir: str, output: str, dtype: str = "float32", force: bool = F
         # 2. what the user trained: the same adapter on the quantized base. The merged model drops the
         # quantization error the adapter learned around; report the difference so it is never silent.
         qmodel, _ = _load(run, recipe, dtype, quantized=True)
-        qlog = _logits(qmodel, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+        qlog = _logits(qmodel, tok, texts, a)
         report["trained_quantized_vs_merged"] = _compare(qlog, new)
-        report["metric"]["trained_quantized"] = _metric(qlog, refs, labels, a.task)
+        report["metric"]["trained_quantized"] = _metric(qlog, refs, a)[1]
         m = report["metric"]
         if m["trained_quantized"] is not None and m["merged"] < m["trained_quantized"] - 0.02:
-            problems.append(f"merged accuracy {m['merged']:.3f} is more than 2 points below the trained QLoRA model's {m['trained_quantized']:.3f}")
+            problems.append(f"merged {m['name']} {m['merged']:.3f} is more than 2 points below the trained QLoRA model's {m['trained_quantized']:.3f}")
         del qmodel
     report["problems"] = problems
     report["status"] = "ok" if not problems else ("forced" if force else "failed")
@@ -225,8 +195,10 @@ def merge_many(run_dirs: list[str], output: str, combination: str = "linear", we
     a = recipes[0].args
     if any(r.args.model_name_or_path != a.model_name_or_path or r.args.task != a.task for r in recipes):
         raise LoraFtError("merge: the runs differ in base model or task; only adapters of one base combine")
-    if a.task == "sequence-classification":
-        raise LoraFtError("merge: several classification adapters cannot be combined (each has its own head); merge them one by one")
+    from .tasks import get_task
+
+    if not get_task(a.task).COMBINABLE:
+        raise LoraFtError(f"merge: several {a.task} adapters cannot be combined (each has its own head); merge them one by one")
     weights = weights or [1.0 / len(runs)] * len(runs)
     if len(weights) != len(runs):
         raise LoraFtError(f"merge: {len(weights)} --weights for {len(runs)} runs; give one weight per run")
@@ -243,12 +215,11 @@ def merge_many(run_dirs: list[str], output: str, combination: str = "linear", we
         raise LoraFtError(f"merge: peft cannot combine these adapters with {combination} ({str(e).splitlines()[0]}); try cat or svd") from None
     model.set_adapter("combined")
     model.eval()  # modules created after the first eval() start in training mode: their dropout would be live
-    chat = bool(a.use_chat_template)
-    ref = _logits(model, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+    ref = _logits(model, tok, texts, a)
     for n in names:
         model.delete_adapter(n)
     merged = model.merge_and_unload()
-    new = _logits(merged, tok, texts, a.task, a.max_length, chat, a.system_prompt)
+    new = _logits(merged, tok, texts, a)
     check = _compare(ref, new)
     atol, rtol, floor = TOLERANCE[dtype]
     tol = atol + rtol * check["logit_scale"]

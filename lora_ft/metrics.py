@@ -111,3 +111,42 @@ def qa_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -
         "f1": 100.0 * sum(token_f1(p, r) for p, r in zip(predictions, references)) / n,
         "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
     }
+
+
+def entity_report(gold: list[list[str]], pred: list[list[str]]) -> dict:
+    """Entity-level micro precision / recall / F1 in strict IOB2 (seqeval's mode="strict": an entity counts only when
+    its type and both boundaries match), per entity type, token accuracy, and an entity-type confusion matrix."""
+    from seqeval.metrics import accuracy_score, classification_report, f1_score, precision_score, recall_score
+    from seqeval.scheme import IOB2
+
+    kw = dict(mode="strict", scheme=IOB2, zero_division=0)
+    per = classification_report(gold, pred, output_dict=True, **kw)
+    types = sorted(k for k in per if not k.endswith(" avg"))
+    return {
+        "precision": float(precision_score(gold, pred, **kw)),
+        "recall": float(recall_score(gold, pred, **kw)),
+        "f1": float(f1_score(gold, pred, **kw)),
+        "token_accuracy": float(accuracy_score(gold, pred)),
+        "per_type": {t: {"precision": float(per[t]["precision"]), "recall": float(per[t]["recall"]),
+                         "f1": float(per[t]["f1-score"]), "support": int(per[t]["support"])} for t in types},
+        "confusion_matrix": entity_confusion(gold, pred, types),
+    }
+
+
+def entity_confusion(gold: list[list[str]], pred: list[list[str]], types: list[str]) -> dict:
+    """Rows: the gold type of each span (O: a predicted span with no gold entity there); columns: the type predicted
+    on exactly that span (O: missed). Boundary errors count as a miss plus a spurious entity, as strict F1 does."""
+    from .tags import spans
+
+    names = list(types) + ["O"]
+    index = {n: i for i, n in enumerate(names)}
+    m = [[0] * len(names) for _ in names]
+    for g, p in zip(gold, pred):
+        gs = {(a, b): t for t, a, b in spans(g, strict=True)}
+        ps = {(a, b): t for t, a, b in spans(p, strict=True)}
+        for span, t in gs.items():
+            m[index[t]][index.get(ps.get(span, "O"), index["O"])] += 1
+        for span, t in ps.items():
+            if span not in gs and t in index:
+                m[index["O"]][index[t]] += 1
+    return {"labels": names, "matrix": m}

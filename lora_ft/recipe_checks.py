@@ -11,7 +11,6 @@ Three kinds:
 
 from __future__ import annotations
 
-import string
 from typing import Any
 
 from .errors import RecipeError
@@ -70,14 +69,6 @@ def _our_problems(args, trainer: dict[str, Any]) -> list[str]:
         p.append("labels: contains duplicates; list each label once")
     if args.labels is not None and len(args.labels) < 2:
         p.append("labels: a classifier needs at least 2 labels")
-    if args.task == "sequence-classification" and args.source_template:
-        fields = [f for _, f, _, _ in string.Formatter().parse(args.source_template) if f]
-        if fields != [args.text_column]:
-            p.append(f"source_template: a classification template holds {{{args.text_column}}} (the text_column) exactly once, got {fields or 'no field'}")
-    cls_only = [k for k in ("clean_lowercase", "clean_urls", "clean_mentions", "clean_whitespace", "drop_duplicates",
-                            "drop_eval_leaks") if getattr(args, k)] + (["augment"] if args.augment else [])
-    if cls_only and args.task != "sequence-classification":
-        p.append(f"{', '.join(cls_only)}: apply to task: sequence-classification only")
     if args.augment:
         from .textprep import parse_augment
 
@@ -93,10 +84,10 @@ def _our_problems(args, trainer: dict[str, Any]) -> list[str]:
         p += mixture_problems(args.dataset_mixture)
     if args.head_init not in ("random", "label_words"):
         p.append(f"head_init: '{args.head_init}' is not one of random, label_words")
-    elif args.head_init == "label_words" and args.task != "sequence-classification":
-        p.append("head_init: label_words applies to task: sequence-classification only")
-    if args.task == "seq2seq" and trainer.get("fp16"):
-        p.append("fp16: T5-family models overflow to NaN in fp16; use bf16: true or fp32")
+    from .tasks import TASKS, get_task
+
+    if args.task in TASKS:  # an unknown task is reported by config.resolve
+        p += get_task(args.task).recipe_problems(args, trainer)
     return p
 
 

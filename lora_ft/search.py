@@ -19,12 +19,7 @@ from .runs import write_json
 
 SEARCH_DB = "search.db"
 
-# One home for the fallback spaces; shipped recipes name their own with `search_space:`.
-DEFAULT_SPACES = {
-    "sequence-classification": "learning_rate=loguniform(1e-4,3e-3) lora_r=choice(8,16,32) warmup_steps=choice(0.0,0.1)",
-    "causal-lm": "learning_rate=loguniform(5e-5,1e-3) lora_r=choice(8,16,32) num_train_epochs=choice(1,2)",
-    "seq2seq": "learning_rate=loguniform(1e-4,3e-3) lora_r=choice(8,16,32)",
-}
+# The fallback space is each task module's SEARCH_SPACE; shipped recipes name their own with `search_space:`.
 DIST = re.compile(r"^(\w+)=(loguniform|uniform|int|choice)\((.*)\)$")
 
 
@@ -108,9 +103,11 @@ def run_search(raw: dict, parent: Path, n_trials: int, space: str | None, metric
 
     base = resolve(dict(raw))
     task = base.args.task
-    metric = metric or ("eval_loss" if task == "causal-lm" else "eval_f1" if task == "seq2seq" else "eval_accuracy")
+    from .tasks import get_task
+
+    metric = metric or get_task(task).SELECT_METRIC
     direction = direction or ("minimize" if metric.endswith("loss") or "perplexity" in metric else "maximize")
-    params = parse_space(space or base.args.search_space or DEFAULT_SPACES[task])
+    params = parse_space(space or base.args.search_space or get_task(task).SEARCH_SPACE)
     for p in params:  # every searched key must be a recipe key of the right type: check one sample now, not mid-search
         resolve({**raw, p.key: p.args[0]})
     if not base.args.eval_split:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .config import Recipe, save_recipe, trainer_args_class
-from .doctor import WARN, blocking, sft_label_checks, static_checks
+from .doctor import WARN, blocking, static_checks
 from .errors import LoraFtError, RecipeError, RunDirError, TrainingInterrupted
 from .hardware import bf16_supported, cuda_available, peak_memory_mb, reset_peak_memory
 from .modeling import (
@@ -37,10 +37,8 @@ def resolve_hardware(recipe: Recipe) -> None:
 def build_training_args(recipe: Recipe):
     cls = trainer_args_class(recipe.args.task)
     kwargs = dict(recipe.trainer)
-    if recipe.args.task == "causal-lm":
-        kwargs["max_length"] = recipe.args.max_length
-    if recipe.args.task == "seq2seq":
-        kwargs.setdefault("generation_max_length", recipe.args.generation_max_new_tokens)
+    for k, v in get_task(recipe.args.task).training_kwargs(recipe.args).items():
+        kwargs.setdefault(k, v)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -90,8 +88,7 @@ def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False
     data = task.prepare_data(recipe, tokenizer)
     for note in data.notes:
         log(targs, note)
-    if a.task == "causal-lm":
-        _stop_on_failures(sft_label_checks(tokenizer, data, recipe), targs)
+    _stop_on_failures(task.data_checks(tokenizer, data, recipe), targs)
     if hasattr(data, "label_names"):
         a.labels = data.label_names  # the saved recipe records label order: ids mean the same at serving time
 

@@ -22,7 +22,7 @@ SNAPSHOT = Path(__file__).with_name("trainer_keys.json")
 # The class a recipe for each kind of trainer may also set: "module:ClassName".
 CLASSES = {
     "training": "transformers:TrainingArguments",
-    "seq2seq": "transformers:Seq2SeqTrainingArguments",
+    "seq2seq_training": "transformers:Seq2SeqTrainingArguments",
     "sft": "trl:SFTConfig",
 }
 LIBRARIES = ("transformers", "trl")

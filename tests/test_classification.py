@@ -243,7 +243,8 @@ def test_source_template_is_applied_in_training_and_serving(tmp_path, tiny_gpt2,
     # The template really reaches the model: scores differ from the same texts without it.
     import torch
 
-    from lora_ft.inference import classify, load_run
+    from lora_ft.inference import load_run
+    from lora_ft.tasks.classification import predict as classify
 
     model, tok, saved = load_run(run_dir)
     texts = [r["text"] for r in rows[:6]]

@@ -274,3 +274,30 @@ def test_seq2seq_run_merges(tmp_path, tiny_t5, capsys):
     assert r["adapter_vs_merged"]["argmax_agreement"] == 1.0
     prompts = [f"question: {q}" for q, _ in QA[:2]]
     assert generate(capsys, out, prompts) == generate(capsys, run, prompts)
+
+
+def test_merge_verifies_classifiers_on_the_inputs_predict_sees(tmp_path, tiny_gpt2, tiny_data):
+    """Issue 19's bug: merge scored the raw eval texts, while training and predict apply source_template and the
+    cleaning options. The verification logits must be exactly predict's, and the reported accuracy predict's."""
+    import torch
+
+    from lora_ft import merge as merge_mod
+    from lora_ft.inference import load_run
+    from lora_ft.tasks.classification import predict
+
+    recipe = cls_recipe(tmp_path / "tmpl.yaml", tiny_gpt2, tiny_data, max_steps=3, source_template="Text: {text}\nLabel:",
+                        clean_lowercase=True)
+    run_dir = train_in_process(recipe, tmp_path / "run")
+    model, tok, saved = load_run(run_dir)
+    texts, refs = merge_mod.verification_inputs(run_dir, saved.args.task, None)
+    probs = torch.stack(merge_mod._logits(model, tok, texts, saved.args)).softmax(-1)
+    rows = predict(model, tok, texts, saved)
+    want = torch.tensor([[r["scores"][n] for n in LABELS] for r in rows])
+    assert torch.allclose(probs, want, atol=1e-5)
+    raw = torch.stack([model(**tok([t], return_tensors="pt")).logits[0] for t in texts]).softmax(-1)
+    assert not torch.allclose(raw, want, atol=1e-3)  # the raw texts really are other inputs
+
+    assert merge(run_dir, tmp_path / "merged") == 0
+    accuracy = sum(r["label"] == y for r, y in zip(rows, refs)) / len(refs)
+    assert report_of(tmp_path / "merged")["metric"] == {"name": "accuracy", "adapter": pytest.approx(accuracy),
+                                                         "merged": pytest.approx(accuracy)}

@@ -14,7 +14,8 @@ import pytest
 from conftest import cls_recipe, train_in_process
 from fixtures_gen import QA, llama_models  # noqa: F401  (fixture used by name)
 from lora_ft.cli import main
-from lora_ft.inference import classify, generate_texts, load_run
+from lora_ft.inference import generate_texts, load_run
+from lora_ft.tasks.classification import predict as classify
 from lora_ft.serving.app import ServeSettings, build_app
 from lora_ft.serving.registry import load_models
 from test_causal_lm import chat_rows, data_dir, train_run
@@ -162,23 +163,23 @@ def test_api_key(served):
 
 
 def test_failing_request_leaves_the_server_up(served, monkeypatch):
-    import lora_ft.inference as inference
+    import lora_ft.tasks.classification as inference
 
     c = client(served)
-    real = inference.classify
-    monkeypatch.setattr(inference, "classify", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = inference.predict
+    monkeypatch.setattr(inference, "predict", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     r = c.post("/v1/classify", json={"model": "gpt2", "inputs": ["x"]})
     assert r.status_code == 500 and "boom" not in r.text  # the exception's text goes to the log only
     assert r.json()["error"]["message"] == "internal error; the server log has the details"
-    monkeypatch.setattr(inference, "classify", real)
+    monkeypatch.setattr(inference, "predict", real)
     assert c.post("/v1/classify", json={"model": "gpt2", "inputs": ["x"]}).status_code == 200
 
 
 def test_timeout_answers_504(served, monkeypatch):
-    import lora_ft.inference as inference
+    import lora_ft.tasks.classification as inference
 
-    real = inference.classify
-    monkeypatch.setattr(inference, "classify", lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1])
+    real = inference.predict
+    monkeypatch.setattr(inference, "predict", lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1])
     r = client(served, timeout_s=0.05).post("/v1/classify", json={"model": "gpt2", "inputs": ["x"]})
     assert r.status_code == 504
 

@@ -10,7 +10,8 @@ from ..trust import add_trust_args
 HELP = "evaluate a trained run on its eval split or on other data; prints metrics JSON"
 # Recipe keys an eval may override: where the data is and how it is laid out, never the model.
 DATA_KEYS = ("dataset_name", "dataset_config", "text_column", "text_pair_column", "label_column", "max_eval_samples",
-             "column_map", "source_template", "target_column", "dataset_format", "max_length")
+             "column_map", "source_template", "target_column", "dataset_format", "max_length", "tokens_column", "tags_column",
+             "tag_scheme")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def run(args, overrides: list[str]) -> int:
         raise RecipeError([f"--{k}: eval takes only data keys ({', '.join(DATA_KEYS)})" for k in bad])
     load_run_recipe(args.run_dir)  # fail on a bad run dir before loading weights
     model, tok, recipe = load_run(args.run_dir, from_args(args))
-    if set(extra) & {"text_column", "text_pair_column", "label_column"} and "column_map" not in extra:
+    if set(extra) & {"text_column", "text_pair_column", "label_column", "tokens_column", "tags_column"} and "column_map" not in extra:
         extra["column_map"] = {}  # columns named on the command line are the data's own names: no recipe renames
     if extra:
         merged = resolve({**recipe.to_dict(), **extra}, source=recipe.source)

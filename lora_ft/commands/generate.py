@@ -34,8 +34,10 @@ def run(args, overrides: list[str]) -> int:
         raise LoraFtError("generate: --max_new_tokens must be positive and --temperature >= 0")
     model, tok, recipe = load_run(args.run_dir, from_args(args))
     a = recipe.args
-    if a.task == "sequence-classification":
-        raise LoraFtError(f"generate: {args.run_dir} is a classification run; use `lora-ft predict`")
+    from ..tasks import get_task
+
+    if not get_task(a.task).GENERATES:
+        raise LoraFtError(f"generate: {args.run_dir} is a {a.task} run; use `lora-ft predict`")
     # A seq2seq prompt is the whole source text, as source_template rendered it in training (cut at max_length).
     outs = generate_texts(model, tok, args.prompt, args.max_new_tokens, args.temperature, chat=bool(a.use_chat_template),
                           system_prompt=a.system_prompt, seed=args.seed, max_length=a.max_length)

@@ -25,7 +25,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args, overrides: list[str]) -> int:
     from ..errors import LoraFtError
-    from ..inference import classify, load_run, read_texts
+    from ..inference import load_run, read_texts
+    from ..tasks import get_task
     from ..trust import from_args
 
     if overrides:
@@ -36,9 +37,10 @@ def run(args, overrides: list[str]) -> int:
     if not texts:
         raise LoraFtError("predict: no input; pass --text TEXT or --input FILE")
     model, tok, recipe = load_run(args.run_dir, from_args(args))
-    if recipe.args.task != "sequence-classification":
+    task = get_task(recipe.args.task)
+    if task.predict is None:
         raise LoraFtError(f"predict: {args.run_dir} is a {recipe.args.task} run; use `lora-ft generate`")
-    rows = classify(model, tok, texts, recipe, batch_size=args.batch_size)
+    rows = task.predict(model, tok, texts, recipe, batch_size=args.batch_size)
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for r in rows:

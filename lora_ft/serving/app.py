@@ -1,4 +1,5 @@
-"""The FastAPI app: classify, generate, OpenAI chat completions, model list, health and Prometheus metrics."""
+"""The FastAPI app: classify, token-classify, generate, OpenAI chat completions, model list, health and Prometheus
+metrics. Which model answers which route is its task's SERVE_ROUTES."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..errors import LoraFtError
+from ..tasks import get_task
 from .batcher import DynamicBatcher
 from .guards import BodyLimit, HostGuard, KeyGuard, accepted_hosts, error_response
 from .jobs import Job, JobOver, SeededSampler, StopWhenOver, position_limit
@@ -60,19 +62,19 @@ def build_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSet
                            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
     executors = {id(m.group): ThreadPoolExecutor(1, thread_name_prefix="lora-ft-model") for m in models.values()}
 
-    def run_classify(sm: ServedModel):
-        from .. import inference
+    def run_predict(sm: ServedModel):
+        task = get_task(sm.task)
 
         def run(texts: list[str]) -> list[dict]:
             batch_hist.observe(len(texts))
-            with sm.group.lock:
-                rows = inference.classify(sm.activate(), sm.tok, texts, sm.recipe, batch_size=settings.max_batch_size)
-            return [{k: r[k] for k in ("label", "score", "scores")} for r in rows]
+            with sm.group.lock:  # task.predict is looked up per batch: the same function `lora-ft predict` calls
+                rows = get_task(sm.task).predict(sm.activate(), sm.tok, texts, sm.recipe, batch_size=settings.max_batch_size)
+            return [{k: r[k] for k in task.SERVE_FIELDS} for r in rows]
 
         return run
 
-    batchers = {name: DynamicBatcher(run_classify(sm), executors[id(sm.group)], settings.max_batch_size, settings.max_wait_ms / 1000)
-                for name, sm in models.items() if sm.task == "sequence-classification"}
+    batchers = {name: DynamicBatcher(run_predict(sm), executors[id(sm.group)], settings.max_batch_size, settings.max_wait_ms / 1000)
+                for name, sm in models.items() if get_task(sm.task).predict is not None}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -110,13 +112,14 @@ def build_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSet
     app.add_middleware(KeyGuard, api_key=settings.api_key)
     app.add_middleware(HostGuard, allowed=accepted_hosts(settings.host, settings.allowed_hosts))
 
-    def lookup(request: Request, name: str, tasks: tuple[str, ...], endpoint: str) -> ServedModel:
+    def lookup(request: Request, name: str, endpoint: str) -> ServedModel:
         sm = models.get(name)  # a dict lookup only: request-given names never reach the filesystem
         if sm is None:
             raise ApiError(404, f"model '{name[:100]}' is not served; GET /v1/models lists the served ones", "not_found_error")
         request.state.model = name
-        if sm.task not in tasks:
-            raise ApiError(400, f"model '{name}' is a {sm.task} model; {endpoint} serves {' and '.join(tasks)}")
+        routes = get_task(sm.task).SERVE_ROUTES
+        if endpoint not in routes:
+            raise ApiError(400, f"model '{name}' is a {sm.task} model; {endpoint} does not serve it (use {' or '.join(routes)})")
         return sm
 
     def check_texts(texts: list[str], what: str) -> None:
@@ -149,13 +152,20 @@ def build_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSet
         return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "lora_ft", "task": m.task}
                                            for n, m in models.items()]}
 
-    @app.post("/v1/classify")
-    async def classify_endpoint(body: ClassifyRequest, request: Request):
-        lookup(request, body.model, ("sequence-classification",), "/v1/classify")
+    async def batched(body: ClassifyRequest, request: Request, endpoint: str):
+        lookup(request, body.model, endpoint)
         texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
         check_texts(texts, "inputs")
         results = await with_timeout(batchers[body.model].submit(texts))
         return {"model": body.model, "results": results}
+
+    @app.post("/v1/classify")
+    async def classify_endpoint(body: ClassifyRequest, request: Request):
+        return await batched(body, request, "/v1/classify")
+
+    @app.post("/v1/token-classify")
+    async def token_classify_endpoint(body: ClassifyRequest, request: Request):
+        return await batched(body, request, "/v1/token-classify")
 
     def generate_fn(sm: ServedModel, prompt, max_new_tokens: int, temperature: float, seed: Optional[int], job: Job,
                     streamer=None):
@@ -207,7 +217,7 @@ def build_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSet
 
     @app.post("/v1/generate")
     async def generate_endpoint(body: GenerateRequest, request: Request):
-        sm = lookup(request, body.model, ("causal-lm", "seq2seq"), "/v1/generate")
+        sm = lookup(request, body.model, "/v1/generate")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         check_texts(prompts, "prompts")
         n = new_tokens(body.max_new_tokens)
@@ -223,7 +233,7 @@ def build_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSet
 
     @app.post("/v1/chat/completions")
     async def chat_endpoint(body: ChatRequest, request: Request):
-        sm = lookup(request, body.model, ("causal-lm",), "/v1/chat/completions")
+        sm = lookup(request, body.model, "/v1/chat/completions")
         if not sm.chat:
             raise ApiError(400, f"model '{body.model}' was trained without a chat template; use /v1/generate")
         messages = [m.model_dump() for m in body.messages]

@@ -99,7 +99,7 @@ def load_models(specs: list[str], trust: Trust = NONE) -> dict[str, ServedModel]
         key = _base_key(recipe)
         adapter = f"a{len(served)}"  # peft names become module keys: no dots, so not the user's name
         if key not in groups:
-            extra = task.label_kwargs(a.labels) if a.labels and hasattr(task, "label_kwargs") else {}
+            extra = task.reload_kwargs(a)
             base, _ = load_model(a, auto_class(task), training=False, **extra)
             task.setup_model(base, tok)
             model = PeftModel.from_pretrained(base, str(p), adapter_name=adapter)

@@ -1,26 +1,40 @@
-"""Task registry: everything that differs between task families is reached through here.
+"""Task registry: every task difference is reached through the module registered here.
 
-Adding a task means adding a module with the same names (AUTO_CLASS, PEFT_TASK_TYPE, prepare_data,
-model_kwargs, setup_model, build_trainer, final_eval) and one line below.
+A task module implements the protocol in `lora_ft/tasks/base.py` (`TaskModule`): data preparation, model class and
+kwargs, head, trainer-arguments class, collator, trainer, metrics and the metric to select on; the one inference
+encoding (eval, predict, merge verification, serve, export checks); the predict output; merge verification inputs
+and logits; the ONNX export graph; the Hub pipeline tag, auto classes and usage snippet; the default search space,
+the compress metric; the serving routes, the memory model's head kind and the doctor's head checks.
+
+Adding a task takes one module and one line below: its name, its module and its trainer-arguments kind
+(a key of `lora_ft.trainer_keys.CLASSES`). Names only: modules are imported when first asked for, so
+`lora_ft.config` can read `TASKS` without torch.
 """
 
 from __future__ import annotations
 
 import importlib
 
-_MODULES = {
-    "sequence-classification": "lora_ft.tasks.classification",
-    "causal-lm": "lora_ft.tasks.causal_lm",
-    "seq2seq": "lora_ft.tasks.seq2seq",
+_REGISTRY = {  # task name: (module, trainer-arguments kind)
+    "sequence-classification": ("lora_ft.tasks.classification", "training"),
+    "causal-lm": ("lora_ft.tasks.causal_lm", "sft"),
+    "seq2seq": ("lora_ft.tasks.seq2seq", "seq2seq_training"),
+    "token-classification": ("lora_ft.tasks.token_classification", "training"),
 }
+TASKS = tuple(_REGISTRY)
+DEFAULT_TASK = TASKS[0]
+
+
+def trainer_kind(name: str) -> str:
+    return _REGISTRY[name][1]
 
 
 def get_task(name: str):
-    if name not in _MODULES:
+    if name not in _REGISTRY:
         from ..errors import LoraFtError
 
-        raise LoraFtError(f"task: '{name}' is not implemented yet; available: {', '.join(_MODULES)}")
-    return importlib.import_module(_MODULES[name])
+        raise LoraFtError(f"task: '{name}' is not one of {', '.join(TASKS)}")
+    return importlib.import_module(_REGISTRY[name][0])
 
 
 def auto_class(task_module):

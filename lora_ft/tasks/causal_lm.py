@@ -17,9 +17,67 @@ from .. import cpu_lm_head
 from ..data import apply_column_map, load_eval_split, load_task_splits, split_off_eval, take
 from ..errors import DataError
 from ..trainers import lora_ft_trainer
+from .base import TOKEN_KEYS, eval_rows, generation_check, generation_snippet, no_card_lines, no_reload_kwargs, only_for
 
+NAME = "causal-lm"
 AUTO_CLASS = "AutoModelForCausalLM"
+PEFT_CLASS = "AutoPeftModelForCausalLM"
 PEFT_TASK_TYPE = "CAUSAL_LM"
+ENCODER_DECODER = False
+HAS_HEAD = False
+GENERATES = True
+COMBINABLE = True
+predict = None  # generates: `lora-ft generate`
+encode = None  # prompts are rendered one at a time for generation (inference.render_prompt)
+SELECT_METRIC = "eval_loss"
+COMPRESS_METRIC = "eval_perplexity"
+SEARCH_SPACE = "learning_rate=loguniform(5e-5,1e-3) lora_r=choice(8,16,32) num_train_epochs=choice(1,2)"
+ONNX_GRAPH = None  # causal LMs export as GGUF
+PIPELINE_TAG = "text-generation"
+CARD_HYPER = ("dataset_format", "use_chat_template", "packing")
+SERVE_ROUTES = ("/v1/generate", "/v1/chat/completions")
+SERVE_FIELDS: tuple = ()
+MEMORY_HEAD = "chunked"
+reload_kwargs = no_reload_kwargs
+card_lines = no_card_lines
+export_check = generation_check
+
+
+def recipe_problems(args, trainer: dict) -> list[str]:
+    return only_for("sequence-classification", args, also=TOKEN_KEYS)
+
+
+def training_kwargs(args) -> dict:
+    return {"max_length": args.max_length}  # trl's SFTConfig cuts sequences there; lora_ft owns the key
+
+
+def data_checks(tok, data, recipe) -> list:
+    from ..doctor import sft_label_checks
+
+    return sft_label_checks(tok, data, recipe)
+
+
+def verify_inputs(run_dir: Path, n: int):
+    return eval_rows(run_dir, GENERATIONS_FILE, "prompt", "reference", n)
+
+
+def verify_logits(model, tok, inputs: list, args) -> list:
+    """Next-token logits over each prompt as generation renders it (teacher forcing)."""
+    import torch
+
+    from ..inference import render_prompt
+
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([render_prompt(tok, p, bool(args.use_chat_template), args.system_prompt)[:args.max_length]]))
+                .logits[0].float() for p in inputs]
+
+
+def verify_metric(logits, refs, args):
+    return None
+
+
+def usage_snippet(adapter: bool, cls: str, head: list[str], rev: str, recipe: dict, chat: bool) -> str:
+    return generation_snippet(head, cls, rev, recipe, chat)
 FORMATS = ("text", "prompt-completion", "instruction", "messages")
 # Prompt layout for instruction data on a model without a chat template (Alpaca style). One home.
 PLAIN_INSTRUCTION = "### Instruction:\n{instruction}\n\n### Response:\n"

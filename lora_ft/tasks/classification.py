@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-
-import numpy as np
 
 from ..data import (
     apply_column_map,
@@ -19,11 +18,44 @@ from ..data import (
 )
 from ..errors import DataError
 from ..textprep import clean_text
-from ..metrics import classification_report, softmax
 from ..trainers import lora_ft_trainer, mean_loss
+from .base import TOKEN_KEYS, eval_rows, head_snippet, labelled_reload_kwargs, no_data_checks, only_for
 
+NAME = "sequence-classification"
 AUTO_CLASS = "AutoModelForSequenceClassification"
+PEFT_CLASS = "AutoPeftModelForSequenceClassification"
 PEFT_TASK_TYPE = "SEQ_CLS"
+ENCODER_DECODER = False
+HAS_HEAD = True
+GENERATES = False
+COMBINABLE = False  # each run has its own trained head, which no weighting of adapters can combine
+SELECT_METRIC = "eval_accuracy"
+COMPRESS_METRIC = "eval_accuracy"
+SEARCH_SPACE = "learning_rate=loguniform(1e-4,3e-3) lora_r=choice(8,16,32) warmup_steps=choice(0.0,0.1)"
+ONNX_GRAPH = "logits"
+PIPELINE_TAG = "text-classification"
+CARD_HYPER: tuple = ()
+SERVE_ROUTES = ("/v1/classify",)
+SERVE_FIELDS = ("label", "score", "scores")
+MEMORY_HEAD = "none"
+reload_kwargs = labelled_reload_kwargs
+data_checks = no_data_checks
+
+
+def recipe_problems(args, trainer: dict) -> list[str]:
+    p = only_for("token-classification", args, keys=(), also=TOKEN_KEYS)
+    if args.source_template:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(args.source_template) if f]
+        except ValueError as e:  # a lone brace: str.format would fail on the first example
+            return p + [f"source_template: not a format string ({e}); write literal braces as {{{{ and }}}}"]
+        if fields != [args.text_column]:
+            p.append(f"source_template: a classification template holds {{{args.text_column}}} (the text_column) exactly once, got {fields or 'no field'}")
+    return p
+
+
+def training_kwargs(args) -> dict:
+    return {}
 
 
 @dataclass
@@ -51,6 +83,8 @@ def _drop_empty(ds, cols: list[str], where: str, notes: list[str]):
 
 
 def label_names_for(train, label_column: str, labels: Optional[list]) -> list[str]:
+    import numpy as np
+
     if labels is not None:
         return [str(x) for x in labels]
     values = set(train[label_column])
@@ -65,6 +99,8 @@ def encode_labels(ds, label_column: str, names: list[str], where: str):
     Where the names are themselves numbers (`labels: [1, 2, 3, 4, 5]`), an integer is only ever a name: read as a
     position as well, data 0..4 was half shifted by one and half taken as is, without a word.
     """
+    import numpy as np
+
     index = {n: i for i, n in enumerate(names)}
     numeric_names = all(n.strip().lstrip("-").isdigit() for n in names)
 
@@ -240,6 +276,8 @@ def init_head_from_label_words(model, tokenizer, label_names: list[str], model_n
 
 
 def compute_metrics(eval_pred) -> dict:
+    import numpy as np
+
     logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
     preds = np.asarray(logits).argmax(-1)
     from sklearn.metrics import accuracy_score, f1_score
@@ -265,6 +303,9 @@ def build_trainer(model, tokenizer, training_args, data: PreparedData, callbacks
 
 def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
     """Full report on the eval split: metrics JSON, confusion matrix PNG, predictions JSONL."""
+    import numpy as np
+
+    from ..metrics import classification_report, softmax
     from ..plots import plot_confusion_matrix
 
     out = trainer.predict(data.eval, metric_key_prefix="eval")  # in row order: build_trainer uses lora_ft_trainer
@@ -286,7 +327,7 @@ def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
 
 def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
     """`lora-ft eval`: metrics of a trained run on a split of any dataset with the recipe's columns."""
-    from ..inference import classify
+    from ..metrics import classification_report
 
     a = recipe.args
     split = split or a.eval_split or "test"
@@ -300,8 +341,86 @@ def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
     ds = encode_labels(ds, a.label_column, list(a.labels), where)
     texts = [str(t) for t in ds[a.text_column]]
     pairs = [str(t) for t in ds[a.text_pair_column]] if a.text_pair_column else None
-    preds = classify(model, tok, texts, recipe, pairs=pairs)
+    preds = predict(model, tok, texts, recipe, pairs=pairs)
     index = {n: i for i, n in enumerate(a.labels)}
     report = classification_report(ds["labels"], [index[p["label"]] for p in preds], list(a.labels))
     return {"eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"], "eval_per_class": report["per_class"],
             "eval_confusion_matrix": report["confusion_matrix"], "eval_samples": len(preds), "dataset": a.dataset_name, "split": split}
+
+
+# ---------------------------------------------------------------- inference: one encoding for every caller
+
+
+def encode(tok, texts: list, args, pairs: Optional[list] = None, return_tensors: str = "pt"):
+    """The model's input for texts, exactly as training built it (cleaning, source_template, truncation): eval,
+    predict, serve, merge verification and the export checks all call this."""
+    return tok(render_texts(texts, args), pairs, truncation=True, max_length=args.max_length, padding=True,
+               return_tensors=return_tensors)
+
+
+def predict(model, tok, texts: list[str], recipe, batch_size: int = 32, pairs: Optional[list[str]] = None) -> list[dict]:
+    """One {"text", "label", "score", "scores"} per text, in input order."""
+    import torch
+
+    names = [model.config.id2label[i] for i in range(len(model.config.id2label))] if not recipe.args.labels else list(recipe.args.labels)
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        pair = pairs[i : i + batch_size] if pairs else None
+        enc = encode(tok, chunk, recipe.args, pair).to(device)
+        with torch.no_grad():
+            probs = model(**enc).logits.float().softmax(-1).cpu()
+        for text, row in zip(chunk, probs):
+            j = int(row.argmax())
+            out.append({"text": text, "label": names[j], "score": round(float(row[j]), 6),
+                        "scores": {n: round(float(v), 6) for n, v in zip(names, row.tolist())}})
+    return out
+
+
+def verify_inputs(run_dir: Path, n: int):
+    return eval_rows(run_dir, "eval_predictions.jsonl", "text", "label", n)
+
+
+def verify_logits(model, tok, inputs: list[str], args) -> list:
+    """Per-text classifier logits on the inputs predict gives the model (cleaned, through source_template)."""
+    import torch
+
+    with torch.no_grad():
+        return [model(**encode(tok, [t], args)).logits[0].float() for t in inputs]
+
+
+def verify_metric(logits, refs, args):
+    if not refs or refs[0] is None:
+        return None
+    labels = list(args.labels or [])
+    preds = [labels[int(x.argmax())] for x in logits]
+    return "accuracy", sum(p == r for p, r in zip(preds, refs)) / len(refs)
+
+
+def export_check(model, reloaded, tok, texts: list[str], args) -> tuple[dict, float]:
+    import torch
+
+    enc = encode(tok, texts, args)
+    with torch.no_grad():
+        a, b = model(**enc).logits.float(), reloaded(**enc).logits.float()
+    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    return {"label_agreement": agree, "max_abs_prob_diff": float((a.softmax(-1) - b.softmax(-1)).abs().max())}, agree
+
+
+# ---------------------------------------------------------------- hub
+
+
+def card_lines(recipe: dict) -> list[str]:
+    labels = recipe.get("labels")
+    return ["- **Labels (id order):** " + ", ".join(f"`{i}`: {lab}" for i, lab in enumerate(labels))] if labels else []
+
+
+def usage_snippet(adapter: bool, cls: str, head: list[str], rev: str, recipe: dict, chat: bool) -> str:
+    max_length = recipe.get("max_length") or 512
+    return "\n".join(head_snippet(head, cls, adapter, rev, recipe) + [
+        "model.eval()",
+        f'inputs = tokenizer(["what a great day"], truncation=True, max_length={max_length}, return_tensors="pt")',
+        "with torch.no_grad():",
+        "    probs = model(**inputs).logits.softmax(-1)[0]",
+        "print(labels[int(probs.argmax())], float(probs.max()))"])

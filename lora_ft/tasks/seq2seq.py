@@ -21,11 +21,74 @@ from ..data import (
     take,
 )
 from ..errors import DataError
-from ..metrics import qa_scores
 from ..trainers import lora_ft_trainer, mean_loss
+from .base import TOKEN_KEYS, eval_rows, generation_check, generation_snippet, no_card_lines, no_data_checks, no_reload_kwargs, only_for
 
+NAME = "seq2seq"
 AUTO_CLASS = "AutoModelForSeq2SeqLM"
+PEFT_CLASS = "AutoPeftModelForSeq2SeqLM"
 PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
+ENCODER_DECODER = True
+HAS_HEAD = False
+GENERATES = True
+COMBINABLE = True
+predict = None  # generates: `lora-ft generate`
+SELECT_METRIC = "eval_f1"
+COMPRESS_METRIC = "eval_f1"
+SEARCH_SPACE = "learning_rate=loguniform(1e-4,3e-3) lora_r=choice(8,16,32)"
+ONNX_GRAPH = "encoder-decoder"
+# transformers 5 dropped the text2text-generation pipeline ("use text-generation"); the Hub tag follows it.
+PIPELINE_TAG = "text-generation"
+CARD_HYPER = ("source_template", "max_target_length", "generation_max_new_tokens")
+SERVE_ROUTES = ("/v1/generate",)
+SERVE_FIELDS: tuple = ()
+MEMORY_HEAD = "full"
+reload_kwargs = no_reload_kwargs
+card_lines = no_card_lines
+data_checks = no_data_checks
+export_check = generation_check
+
+
+def recipe_problems(args, trainer: dict) -> list[str]:
+    p = only_for("sequence-classification", args, also=TOKEN_KEYS)
+    if trainer.get("fp16"):
+        p.append("fp16: T5-family models overflow to NaN in fp16; use bf16: true or fp32")
+    return p
+
+
+def training_kwargs(args) -> dict:
+    return {"generation_max_length": args.generation_max_new_tokens}
+
+
+def encode(tok, texts: list[str], args, return_tensors: str = "pt"):
+    """Sources cut at max_length, as training cut them."""
+    return tok(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors=return_tensors)
+
+
+def verify_inputs(run_dir: Path, n: int):
+    return eval_rows(run_dir, "eval_predictions.jsonl", "source", "references", n)
+
+
+def verify_logits(model, tok, inputs: list[str], args) -> list:
+    """First decoder step's logits for each source, cut at max_length as training cut it."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for text in inputs:
+            enc = encode(tok, [text], args)
+            start = torch.tensor([[model.config.decoder_start_token_id]])
+            out.append(model(**enc, decoder_input_ids=start).logits[0].float())
+    return out
+
+
+def verify_metric(logits, refs, args):
+    return None
+
+
+def usage_snippet(adapter: bool, cls: str, head: list[str], rev: str, recipe: dict, chat: bool) -> str:
+    source = recipe.get("source_template") or "question: What color is the sky? context: The sky is blue."
+    return generation_snippet(head, cls, rev, recipe, chat, source=source)
 
 
 @dataclass
@@ -130,6 +193,8 @@ def _decode(tok, ids) -> list[str]:
 def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 
+    from ..metrics import qa_scores
+
     def compute_metrics(eval_pred):
         preds = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
         return qa_scores(_decode(tok, preds), data.eval_references[: len(preds)])
@@ -142,6 +207,8 @@ def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
 
 
 def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
+    from ..metrics import qa_scores
+
     out = trainer.predict(data.eval, metric_key_prefix="eval")
     preds = out.predictions[0] if isinstance(out.predictions, tuple) else out.predictions
     texts = _decode(trainer.processing_class, preds) if trainer.args.predict_with_generate else []
@@ -158,6 +225,7 @@ def final_eval(trainer, data: PreparedData, run_dir: Path) -> dict:
 def evaluate_run(model, tok, recipe, split: Optional[str] = None) -> dict:
     """`lora-ft eval` for a seq2seq run: EM / F1 / ROUGE-L of greedy generations on a split."""
     from ..inference import generate_texts
+    from ..metrics import qa_scores
 
     a = recipe.args
     split = split or a.eval_split or "test"
