@@ -11,8 +11,8 @@ from . import hardware, upstream
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
 # Variables that change what lora_ft or torch do on this machine.
-ENV_VARS = (hardware.CAPABILITY_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-            "MALLOC_MMAP_THRESHOLD_", "OPENBLAS_CORETYPE", "CUDA_VISIBLE_DEVICES")
+ENV_VARS = (hardware.CAPABILITY_ENV, "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+            "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_MMAP_THRESHOLD_", "OPENBLAS_CORETYPE", "CUDA_VISIBLE_DEVICES")
 FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
 # Where each guarded patch applies, beyond its library being the tested one.
 APPLIES = {
