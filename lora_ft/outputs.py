@@ -69,6 +69,16 @@ def _swap_in(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _folder_beside(out: Path) -> Path:
+    """A new folder next to `out` with the permissions a plain mkdir gives (mkdtemp's are owner-only, and the folder
+    is renamed into place: a merged model must stay readable by a server running as another user)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 @contextmanager
 def output_dir(out: str | os.PathLike, mark: str, *, sources: Iterable[Path] = (), overwrite: bool = False,
                what: str = "--output") -> Iterator[Path]:
@@ -77,7 +87,7 @@ def output_dir(out: str | os.PathLike, mark: str, *, sources: Iterable[Path] = (
     check_output(out, mark, sources=list(sources), overwrite=overwrite, what=what)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Beside the output: the same filesystem, so the final rename is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    tmp = _folder_beside(out)
     try:
         yield tmp
         _swap_in(tmp, out)

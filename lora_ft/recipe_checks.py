@@ -136,10 +136,12 @@ def _trainer_problems(args, t: dict[str, Any]) -> list[str]:
         elif sv != "best" and ev != sv:
             p.append(f"load_best_model_at_end: needs save_strategy equal to eval_strategy, got save_strategy: {sv}, "
                      f"eval_strategy: {ev}")
-        elif ev == sv == "steps" and number("save_steps") and number("eval_steps") and number("save_steps") >= 1 \
-                and number("save_steps") % number("eval_steps"):
-            p.append(f"load_best_model_at_end: save_steps ({t['save_steps']}) must be a multiple of eval_steps "
-                     f"({t['eval_steps']})")
+        elif ev == sv == "steps":
+            # transformers takes a missing eval_steps from logging_steps
+            every = number("eval_steps") or number("logging_steps")
+            if number("save_steps") and every and number("save_steps") >= 1 and number("save_steps") % every:
+                p.append(f"load_best_model_at_end: save_steps ({t['save_steps']}) must be a multiple of eval_steps "
+                         f"({every}{'' if number('eval_steps') else ', from logging_steps'})")
     return p
 
 

@@ -76,6 +76,7 @@ def recipe_diff(saved: dict, recipe) -> list[tuple[str, object, object]]:
 
     # Compared as save_recipe would write the new one: YAML types, secrets redacted.
     new = yaml.safe_load(yaml.safe_dump(redact(recipe.to_dict())))
+    saved = _as_resolved(saved)
     out = []
     for k in sorted(set(saved) | set(new)):
         if k in NON_RUN_KEYS:
@@ -85,6 +86,21 @@ def recipe_diff(saved: dict, recipe) -> list[tuple[str, object, object]]:
         if saved.get(k) != new.get(k):
             out.append((k, saved.get(k), new.get(k)))
     return out
+
+
+def _as_resolved(saved: dict) -> dict:
+    """The saved recipe with the keys a newer lora_ft added filled in with their defaults, as save_recipe would write
+    it today: a run saved before a key existed is not "different" for lacking it."""
+    import yaml
+
+    from .config import resolve
+    from .errors import RecipeError
+    from .security import redact
+
+    try:
+        return yaml.safe_load(yaml.safe_dump(redact(resolve(dict(saved)).to_dict())))
+    except RecipeError:  # a recipe this version no longer accepts: compare what it says
+        return saved
 
 
 def live_file(output_dir, name: str) -> Path:

@@ -308,3 +308,9 @@ def test_trainer_keys_read_from_the_classes_when_the_snapshot_is_for_other_versi
     for fields in (fast, slow):
         ok, _, why = coerce("stepz", fields["eval_strategy"])
         assert not ok and "steps" in why  # an enum's choices, not any string
+
+
+def test_best_model_save_steps_must_be_a_multiple_of_the_logging_steps_eval_falls_back_to():
+    with pytest.raises(RecipeError, match="multiple of eval_steps .10, from logging_steps"):
+        resolve({**BASE, "eval_strategy": "steps", "save_strategy": "steps", "save_steps": 25, "load_best_model_at_end": True})
+    resolve({**BASE, "eval_strategy": "steps", "save_strategy": "steps", "save_steps": 20, "load_best_model_at_end": True})

@@ -87,3 +87,17 @@ def test_png_mark_is_what_matplotlib_writes(tmp_path):
     fig.savefig(tmp_path / "theirs.png", format="png")
     plt.close(fig)
     assert png_by_lora_ft(tmp_path / "ours.png") and not png_by_lora_ft(tmp_path / "theirs.png")
+
+
+def test_written_folders_are_readable_as_a_plain_mkdir_makes_them(tmp_path):
+    """mkdtemp makes owner-only folders, and the folder is renamed into place: a server running as another user
+    could not read a merged model."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with output_dir(tmp_path / "out", "report.json") as tmp:
+            (tmp / "report.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

@@ -187,3 +187,19 @@ def test_a_checkpoint_left_aside_by_a_kill_is_put_back(tmp_path):
     (aside / "trainer_state.json").write_text("{}")
     restore_checkpoints(tmp_path)
     assert (tmp_path / "checkpoint-4" / "trainer_state.json").is_file()
+
+
+def test_a_run_saved_before_a_key_existed_is_the_same_run(tmp_path):
+    """A run dir written by an older lora_ft lacks the keys added since (token classification's, say): re-running
+    its recipe is the same run, not a 'different' one that lacks them."""
+    import yaml
+
+    save_recipe(recipe(lora_r=4), tmp_path)
+    path = tmp_path / RECIPE_FILE
+    saved = yaml.safe_load(path.read_text())
+    for key in ("tag_scheme", "label_all_tokens", "tokens_column", "tags_column", "head_init"):
+        saved.pop(key, None)
+    path.write_text(yaml.safe_dump(saved))
+    check_output_dir(tmp_path, recipe(lora_r=4))
+    with pytest.raises(RunDirError, match="lora_r"):
+        check_output_dir(tmp_path, recipe(lora_r=8))
