@@ -48,10 +48,11 @@ def command(name: str, quick: bool, out: Path) -> list[str]:
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "unknown")
-    flags = Path("/proc/cpuinfo").read_text()
-    return {"nproc": os.cpu_count(), "cpu_model": cpu, "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
+    from lora_ft import hardware  # one reader of /proc/cpuinfo, the one lora_ft decides from
+
+    info = hardware.cpu_info()
+    return {"nproc": os.cpu_count(), "cpu_model": info["model"], "capability": hardware.cpu_capability(),
+            "amx_bf16": "amx_bf16" in info["flags"], "avx512_bf16": "avx512_bf16" in info["flags"],
             "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "torch_threads_default": os.cpu_count(), "loadavg_at_start": os.getloadavg()}
 

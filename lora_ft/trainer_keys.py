@@ -1,7 +1,7 @@
 """The trainer-argument keys a recipe may set, known without importing transformers.
 
 Importing transformers (and through it torch) takes 5-13 s on a 2-core CPU, and a misspelled key should be reported
-long before that. So the field names, annotations and defaults of the three trainer-argument classes are kept in
+long before that. So the field names and annotations of the three trainer-argument classes are kept in
 `trainer_keys.json`, written from the installed libraries by `python -m lora_ft.trainer_keys`. Where the installed
 transformers or trl is not the version the file was written from, the fields are read from the classes themselves
 (slower, always right); `tests/test_config.py` fails when the file and the pinned libraries disagree.
@@ -41,7 +41,7 @@ def trainer_fields(kind: str) -> dict[str, Any]:
     libraries, else from the class itself."""
     snap = _snapshot()
     if snap is not None and snap["versions"] == installed_versions():
-        return {name: decode(spec["type"]) for name, spec in snap["classes"][kind].items()}
+        return {name: decode(spec) for name, spec in snap["classes"][kind].items()}
     cls = import_class(kind)
     hints = typing.get_type_hints(cls)
     # through the JSON form too, so both ways check alike (an enum's choices, not any string)
@@ -109,24 +109,12 @@ def _enum(values: tuple):
     return enum.Enum("Choices", [(str(v), v) for v in values])
 
 
-def _jsonable_default(f: dataclasses.Field):
-    value = f.default if f.default is not dataclasses.MISSING else None
-    if isinstance(value, enum.Enum):
-        value = value.value
-    try:
-        json.dumps(value)
-    except TypeError:
-        return None
-    return value
-
-
 def build_snapshot() -> dict:
     classes = {}
     for kind in CLASSES:
         cls = import_class(kind)
         hints = typing.get_type_hints(cls)
-        classes[kind] = {f.name: {"type": encode(hints.get(f.name, Any)), "default": _jsonable_default(f)}
-                         for f in dataclasses.fields(cls) if f.init}
+        classes[kind] = {f.name: encode(hints.get(f.name, Any)) for f in dataclasses.fields(cls) if f.init}
     return {"versions": installed_versions(), "classes": classes}
 
 
