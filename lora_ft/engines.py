@@ -78,7 +78,7 @@ def verdict(engine: str, config, cuda: bool) -> tuple[str, str]:
         why = upstream.problem("cpu_fsdp")
         if why:
             return "fail", (f"{name} on CPU: accelerate alone would train these processes as DDP, and lora_ft's adjustment "
-                            f"(lora_ft/cpu_fsdp.py) is off: {why}; use recipes/accelerate/multi_cpu.yaml for DDP")
+                            f"(lora_ft/cpu/fsdp.py) is off: {why}; use recipes/accelerate/multi_cpu.yaml for DDP")
     where = "on CUDA (not run on a GPU in this project)" if cuda else "on CPU processes over gloo (ran here)"
     return "pass", f"{name} {where}"
 

@@ -18,7 +18,7 @@ def load_run(run_dir: str | Path, trust: Trust = NONE):
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from . import cpu_dora
+    from .cpu import dora as cpu_dora
     from .modeling import fix_pad_token, load_model
     from .tasks import auto_class, get_task
 

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from . import cpu_memory, upstream
+from . import upstream
+from .cpu import memory as cpu_memory
 from .builtin_models import resolve_model_path
 from .errors import LoraFtError
 
@@ -122,7 +123,7 @@ def load_model(args, auto_class, training: bool = True, **model_kwargs):
     if args.load_in_4bit and (training or args.use_dora):
         keep_standard_4bit_layout(model)
     if cpu_quantized and args.load_in_4bit and training:
-        from . import cpu_linear4bit  # imports torch: not at module level, `lora-ft --help` stays fast
+        from .cpu import linear4bit as cpu_linear4bit  # imports torch: not at module level, `lora-ft --help` stays fast
 
         cpu_linear4bit.install(model)
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
@@ -220,7 +221,7 @@ def attach_peft(model, args, task_type: str, modules_to_save: list[str], gradien
             raise LoraFtError(f"lora_target_modules: {_first_line(e)}; use module names of this model or all-linear") from None
     sharded = sharded_engine()
     if args.use_dora and not sharded:
-        from . import cpu_dora  # imports torch: not at module level
+        from .cpu import dora as cpu_dora  # imports torch: not at module level
 
         cpu_dora.install(model)  # peft's DoRA forms a dense W + sBA per layer per step: closed form on CPU
     # Without autocast a bf16 head copy must stay bf16: nothing would cast its bf16 input. Sharded (FSDP, ZeRO-3)

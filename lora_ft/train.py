@@ -74,7 +74,7 @@ def train(recipe: Recipe, callbacks: list | None = None, overwrite: bool = False
     resolve_hardware(recipe)  # first: the saved recipe it is compared with holds the resolved bf16/use_cpu
     check_output_dir(run_dir, recipe, overwrite)
     restore_checkpoints(run_dir)
-    from . import cpu_fsdp
+    from .cpu import fsdp as cpu_fsdp
 
     if cpu_fsdp.wanted():
         cpu_fsdp.install()

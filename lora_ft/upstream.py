@@ -100,7 +100,7 @@ def patches() -> dict[str, Patch]:
     """Every guarded patch, its module imported so it has registered itself."""
     import importlib
 
-    for module in ("cpu_linear4bit", "cpu_dora", "cpu_lm_head", "cpu_memory", "cpu_fsdp", "trainers", "modeling"):
+    for module in ("cpu.linear4bit", "cpu.dora", "cpu.lm_head", "cpu.memory", "cpu.fsdp", "trainers", "modeling"):
         importlib.import_module(f"lora_ft.{module}")
     return dict(_PATCHES)
 

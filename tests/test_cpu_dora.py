@@ -1,4 +1,4 @@
-"""DoRA linear layers on CPU (lora_ft.cpu_dora) against peft's own DoRA: outputs, every gradient, the weight norm,
+"""DoRA linear layers on CPU (lora_ft.cpu.dora) against peft's own DoRA: outputs, every gradient, the weight norm,
 and the fall-backs to peft."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from peft.tuners.lora.dora import DoraLinearLayer
 
-from lora_ft import cpu_dora
+from lora_ft.cpu import dora as cpu_dora
 
 
 def dora_pair(bias=True, dropout=0.0, dtype=torch.float32, seed=0):

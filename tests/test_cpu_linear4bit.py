@@ -1,4 +1,4 @@
-"""4-bit layers trained on CPU (lora_ft.cpu_linear4bit) against bitsandbytes' own path, and the load/prepare steps
+"""4-bit layers trained on CPU (lora_ft.cpu.linear4bit) against bitsandbytes' own path, and the load/prepare steps
 around them: the weight layout kept for training, bf16 weights kept bf16, trainable weights in fp32."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from lora_ft import cpu_linear4bit  # noqa: E402
+from lora_ft.cpu import linear4bit as cpu_linear4bit  # noqa: E402
 
 
 def quantized_linear(n_in=128, n_out=192, bias=False, quant_type="nf4", nested=False, seed=0, compute=torch.bfloat16):

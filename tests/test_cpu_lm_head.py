@@ -1,9 +1,9 @@
-"""The CPU LM head loss (lora_ft.cpu_lm_head) computes what trl's fused head and a plain log_softmax compute."""
+"""The CPU LM head loss (lora_ft.cpu.lm_head) computes what trl's fused head and a plain log_softmax compute."""
 
 import pytest
 import torch
 
-from lora_ft import cpu_lm_head
+from lora_ft.cpu import lm_head as cpu_lm_head
 
 
 def _reference(hidden, weight, bias, targets):

@@ -1,11 +1,11 @@
-"""The lean 4-bit CPU load (lora_ft.cpu_memory): hooks come and go with the load, reclaimed pages keep their contents."""
+"""The lean 4-bit CPU load (lora_ft.cpu.memory): hooks come and go with the load, reclaimed pages keep their contents."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lora_ft import cpu_memory
+from lora_ft.cpu import memory as cpu_memory
 
 linux_glibc = pytest.mark.skipif(cpu_memory._glibc() is None, reason="glibc on Linux only (elsewhere the module is a no-op)")
 

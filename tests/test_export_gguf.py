@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_ft import export_gguf as eg
+from lora_ft.export import gguf as eg
 from lora_ft.errors import LoraFtError
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -326,7 +326,7 @@ def test_a_launched_engine_the_trainer_lacks_is_refused(tmp_path, tiny_llama, ti
 def test_lm_head_fast_path_stays_off_sharded_weights():
     import torch
 
-    from lora_ft.cpu_lm_head import _sharded
+    from lora_ft.cpu.lm_head import _sharded
 
     w = torch.nn.Parameter(torch.zeros(4, 4))
     assert not _sharded(w)

@@ -60,7 +60,7 @@ def quantized_linear():
 
 @pytest.mark.parametrize("mismatch", ["version", "symbol"])
 def test_cpu_linear4bit_falls_back_to_bitsandbytes(mismatch, monkeypatch, capsys):
-    from lora_ft import cpu_linear4bit
+    from lora_ft.cpu import linear4bit as cpu_linear4bit
 
     if mismatch == "version":
         other_version(monkeypatch, "bitsandbytes", "0.51.0")
@@ -94,7 +94,7 @@ def dora_model():
 def test_cpu_dora_falls_back_to_peft(mismatch, monkeypatch, capsys):
     from peft.tuners.lora.dora import DoraLinearLayer
 
-    from lora_ft import cpu_dora
+    from lora_ft.cpu import dora as cpu_dora
 
     if mismatch == "version":
         other_version(monkeypatch, "peft", "0.22.0")
@@ -118,7 +118,7 @@ def test_cpu_dora_falls_back_to_peft(mismatch, monkeypatch, capsys):
 def test_cpu_lm_head_falls_back_to_trl(monkeypatch, capsys, tiny_llama):
     from transformers import AutoModelForCausalLM
 
-    from lora_ft import cpu_lm_head
+    from lora_ft.cpu import lm_head as cpu_lm_head
 
     other_version(monkeypatch, "trl", "1.17.0")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -132,7 +132,7 @@ def test_cpu_lm_head_falls_back_to_trl(monkeypatch, capsys, tiny_llama):
 
 def test_cpu_memory_hook_stays_off(monkeypatch, capsys):
     bnb = pytest.importorskip("bitsandbytes")
-    from lora_ft import cpu_memory
+    from lora_ft.cpu import memory as cpu_memory
 
     other_version(monkeypatch, "bitsandbytes", "0.40.0")
     before = bnb.nn.Params4bit.__dict__["_quantize"]

@@ -29,17 +29,17 @@ def run(args, overrides: list[str]) -> int:
     if overrides:
         raise LoraFtError(f"export: unknown option(s) {' '.join(overrides)}; see `lora-ft export --help`")
     if args.format == "gguf":
-        from ..export_gguf import export_gguf
+        from ..export.gguf import export_gguf
 
         report = export_gguf(args.model_dir, args.output, quant=args.quant, overwrite=args.overwrite)
     elif args.format == "bnb4":
-        from ..export_bnb import export_bnb4
+        from ..export.bnb import export_bnb4
         from ..inference import read_texts
 
         report = export_bnb4(args.model_dir, args.output, read_texts(args.inputs) if args.inputs else None,
                              overwrite=args.overwrite, trust=from_args(args))
     else:
-        from ..export_onnx import export_onnx
+        from ..export.onnx import export_onnx
         from ..inference import read_texts
 
         report = export_onnx(args.model_dir, args.output, read_texts(args.inputs) if args.inputs else None,

@@ -76,7 +76,7 @@ def load_models(specs: list[str], trust: Trust = NONE) -> dict[str, ServedModel]
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .. import cpu_dora
+    from ..cpu import dora as cpu_dora
     from ..config import load_run_recipe
     from ..inference import load_run
     from ..modeling import fix_pad_token, load_model

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .. import cpu_lm_head
+from ..cpu import lm_head as cpu_lm_head
 from ..data import apply_column_map, load_eval_split, load_task_splits, split_off_eval, take
 from ..errors import DataError
 from ..trainers import lora_ft_trainer

@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import os
 
-from . import upstream
-from .errors import LoraFtError
+from .. import upstream
+from ..errors import LoraFtError
 
 
 def _relies_on():

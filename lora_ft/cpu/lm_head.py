@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import types
 
-from . import upstream
+from .. import upstream
 
 TOKEN_CHUNK = 1024  # tokens per [chunk, vocab] logits tile: 1024 x 49k fp32 is ~200 MB
 

@@ -25,7 +25,7 @@ import os
 import sys
 from typing import NamedTuple
 
-from . import upstream
+from .. import upstream
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _MADV_PAGEOUT = 21  # Linux 5.4+ madvise advice: reclaim these pages now (never changes their contents)

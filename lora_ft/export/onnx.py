@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import LoraFtError
-from .outputs import check_output, output_dir
-from .runs import write_json
-from .trust import NONE, Trust
+from ..errors import LoraFtError
+from ..outputs import check_output, output_dir
+from ..runs import write_json
+from ..trust import NONE, Trust
 
 REPORT_FILE = "export_report.json"
 
@@ -142,7 +142,7 @@ def _seq2seq(model, tok, tmp: Path, texts: list[str], max_new_tokens: int = 16) 
 
 def export_onnx(model_dir: str, output: str, inputs: Optional[list[str]] = None, overwrite: bool = False,
                 trust: Trust = NONE) -> dict:
-    from .inference import load_run
+    from ..inference import load_run
 
     src = Path(model_dir)
     if not (src / "config.json").is_file():
@@ -150,7 +150,7 @@ def export_onnx(model_dir: str, output: str, inputs: Optional[list[str]] = None,
     check_output(Path(output), REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output")
     model, tok, recipe = load_run(src, trust)
     model = model.float().eval()
-    from .tasks import get_task
+    from ..tasks import get_task
 
     a = recipe.args
     task, graph = a.task, get_task(a.task).ONNX_GRAPH

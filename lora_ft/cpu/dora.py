@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import upstream
+from .. import upstream
 
 try:
     from peft.tuners.lora.dora import DoraLinearLayer
@@ -133,7 +133,7 @@ def _frozen_weight(base_layer) -> torch.Tensor:
     if type(weight).__name__ == "Params4bit" and qs is not None and not getattr(qs, "packing_format_for_cpu", False):
         # peft's path also replaces the weight (so no cache could key on it) and uses bitsandbytes' native CPU
         # dequantization, which is wrong for rows that are not whole blocks
-        from .cpu_linear4bit import dequantize_into_scratch
+        from .linear4bit import dequantize_into_scratch
 
         return dequantize_into_scratch(weight, qs, torch.float32, _SCRATCH)
     if type(weight).__name__ == "Int8Params":

@@ -19,7 +19,7 @@ import types
 
 import torch
 
-from . import upstream
+from .. import upstream
 
 _DTYPE_SUFFIX = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import LoraFtError
-from .outputs import check_output, output_file
+from ..errors import LoraFtError
+from ..outputs import check_output, output_file
 
 MARK_KEY = "general.lora_ft"
 
@@ -192,7 +192,7 @@ def _verify(model, tok, folder: Path, file: str, quant: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .inference import _eos_ids, render_prompt
+    from ..inference import _eos_ids, render_prompt
 
     gtok = AutoTokenizer.from_pretrained(str(folder), gguf_file=file)
     gmodel = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file, dtype=torch.float32).eval()

@@ -11,20 +11,20 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from .errors import LoraFtError
-from .outputs import check_output, output_dir
-from .runs import write_json
-from .trust import NONE, Trust
+from ..errors import LoraFtError
+from ..outputs import check_output, output_dir
+from ..runs import write_json
+from ..trust import NONE, Trust
 
 MIN_AGREEMENT = 0.5  # below this the 4-bit model is not the same model any more: refuse
 
 
 def export_bnb4(model_dir: str, output: str, inputs: Optional[list[str]] = None, overwrite: bool = False,
                 trust: Trust = NONE) -> dict:
-    from .compress import _nf4, _weights_mb
-    from .export_onnx import REPORT_FILE, SAMPLE_TEXTS
-    from .inference import load_run
-    from .tasks import get_task
+    from ..compress import _nf4, _weights_mb
+    from .onnx import REPORT_FILE, SAMPLE_TEXTS
+    from ..inference import load_run
+    from ..tasks import get_task
 
     src = Path(model_dir)
     if not (src / "config.json").is_file():
