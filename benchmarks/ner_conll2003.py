@@ -116,8 +116,9 @@ def main() -> int:
     rows = [fresh.pop(r["name"], r) for r in old] + list(fresh.values())  # --only replaces its rows, keeps the rest
     json_path.write_text(json.dumps({**info, "runs": rows}, indent=2) + "\n")
     md = (f"# CoNLL-2003 NER, `lora-ft train {RECIPE}` + `lora-ft eval --split test`\n\n{info['date']}, lora_ft "
-          f"{info['lora_ft_commit'][:10]}; {info['machine']['nproc']} x {info['machine']['cpu_model']}, shared with other "
-          f"jobs (1-min load average in the table). Caps: {info['caps']}. Entity-level micro F1, strict IOB2 (seqeval).\n\n"
+          f"{info['lora_ft_commit'][:10]}; {info['machine']['nproc']} x {info['machine']['cpu_model']} (1-min load average "
+          f"in the table: above 2, other jobs shared the cores). Each row's caps are in its command. Entity-level micro F1, "
+          f"strict IOB2 (seqeval).\n\n"
           f"{table(rows)}\n\nCommands:\n\n" + "\n".join(f"- `{r['name']}`: `{r['command']}`" for r in rows))
     json_path.with_suffix(".md").write_text(md + "\n")
     print("\n" + table(rows))
