@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "bfloat16", "float32")
 BACKENDS = ("torch", "onnx")
-# One forward pass of a batch costs about OVERHEAD_TOKENS padded tokens' worth of work beyond its tokens (per-layer
-# launch, python and thread hand-off costs). Measured on the SmolLM2 tweet classifier, bf16 on 2 AMX cores: batch 1
-# of 35 tokens 33 ms, batch 32 of 55 padded tokens 140 ms, so about 30 ms fixed and 0.06 ms a token (500 tokens).
-OVERHEAD_TOKENS = 500
+# One forward pass costs about OVERHEAD_TOKENS padded tokens' worth of work beyond its tokens (per-layer dispatch,
+# python, thread hand-offs). Measured on the SmolLM2 tweet classifier, bf16 weights, 2 AMX cores (2026-12-02,
+# load ~2.5): batch 1 of 9 tokens 119 ms; batch 32 padded to 16 tokens 342 ms, to 53 tokens 835 ms: ~0.42 ms a
+# token plus ~110 ms a pass, i.e. ~260 tokens. In fp32 a token costs ~4x more, so the same constant splits less.
+OVERHEAD_TOKENS = 260
 
 
 @dataclass(frozen=True)
