@@ -59,7 +59,7 @@ def cast(model, speed: Speed) -> str:
     import torch
 
     want = resolved_dtype(speed)
-    if getattr(model, "is_quantized", False) or getattr(getattr(model, "base_model", None), "is_quantized", False):
+    if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
         return "quantized"
     if want == "bfloat16":
         model.to(torch.bfloat16)
