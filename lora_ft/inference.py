@@ -219,10 +219,10 @@ def load_plain(path: str | Path, task: Optional[str] = None, trust: Trust = NONE
     if task is None:
         raise DataError(f"{path}: config.json architectures {archs} name no task lora_ft serves; pass --task "
                         f"({', '.join(TASKS)})")
-    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust.trust_remote_code)
-    fix_pad_token(tok)
     if task not in TASKS:
         raise DataError(f"--task {task}: use one of {', '.join(TASKS)}")
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust.trust_remote_code)
+    fix_pad_token(tok)
     # Defaults but for these (no data, no training: nothing else applies); a chat model keeps its own template.
     chat = bool(get_task(task).GENERATES and getattr(tok, "chat_template", None))
     args = LoraFtArguments(model_name_or_path=str(p), task=task, use_peft=False, use_chat_template=chat)

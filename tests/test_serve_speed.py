@@ -211,8 +211,9 @@ def test_plain_folder_task_from_the_flag_or_a_clear_error(plain_classifier, tmp_
         (odd / f.name).write_bytes(f.read_bytes())
     (odd / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForSomethingElse"]}))
     assert task_for_architectures(["LlamaForSomethingElse"]) is None
-    with pytest.raises(LoraFtError, match="pass --task"):
-        load_models([str(odd)])
+    assert main(["serve", str(odd)]) == 2  # one line, no traceback, before any server starts
+    err = capsys.readouterr().err
+    assert "pass --task" in err and "Traceback" not in err
     served = load_models([str(odd)], task=task_for_architectures(cfg["architectures"]))
     assert served["odd"].task == task_for_architectures(cfg["architectures"])
     with pytest.raises(SystemExit) as e:  # argparse: not a choice
