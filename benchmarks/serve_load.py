@@ -3,12 +3,15 @@ lever at a time, beside the serving path before issue 21 (the same settings with
 
     python benchmarks/serve_load.py                     # the SmolLM2 tweet classifier from benchmarks/cls_tweets.py
     python benchmarks/serve_load.py --run RUN_DIR --requests 64 --rows today,all
+    python benchmarks/serve_load.py --as-cpu avx2 --rows naive,today,all  # an estimate of an AVX2-only CPU
 
 Each row starts a real server process (127.0.0.1, a free port) and drives it with 32 concurrent clients over HTTP,
 one tweet per request, the same tweets in every row. Labels are compared with `lora-ft predict` on the run (fp32):
 a row that changes a label says so. The onnx row serves the run merged (`lora-ft merge`) and exported
 (`lora-ft export --format onnx`, verified), made once under benchmarks/out/. The naive row is
-benchmarks/naive_serve.py. Writes benchmarks/results/serve_load.{json,md}.
+benchmarks/naive_serve.py. Writes benchmarks/results/serve_load.{json,md} (serve_load_avx2_emulated.* with --as-cpu:
+lora_ft, torch, oneDNN and MKL limited to AVX2 on this machine's clocks and caches, an estimate, not a measurement;
+onnxruntime's own kernels are not limited, so its row there is not an AVX2 figure).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from cls_tweets import machine  # noqa: E402  (the same machine description in every benchmark)
+from throughput import EMULATE  # noqa: E402  (what makes this machine's kernels those of an AVX2-only CPU)
 
 TWEETS = ROOT / "../shared/data/tweet_sentiment/test.csv"
 CLI = [sys.executable, "-m", "lora_ft.cli"]  # this checkout's lora_ft, whatever the venv's console script points at
@@ -142,7 +146,10 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=192, help="requests per row (one tweet each)")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--rows", default=",".join(ROWS), help=f"rows to run, of {', '.join(ROWS)}")
+    p.add_argument("--as-cpu", choices=list(EMULATE), help="every process's kernels limited as on that CPU kind (an estimate)")
     args = p.parse_args()
+    if args.as_cpu:  # before any server (or predict) process starts: each reads them at import
+        os.environ.update(EMULATE[args.as_cpu])
     run = Path(args.run)
     if not (run / "adapter_config.json").is_file():
         raise SystemExit(f"{run}: not an adapter run dir; run `python benchmarks/cls_tweets.py --only smollm2-lora` first or pass --run")
@@ -173,27 +180,30 @@ def main() -> int:
                                                                    ("today", "naive")) if a in by and b in by}
     out = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": info,
            "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run), "clients": args.clients,
-           "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]), "rows": rows, "ratios": ratios}
-    write(out)
+           "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]), "rows": rows, "ratios": ratios,
+           "emulated_cpu": args.as_cpu}
+    write(out, "serve_load" + (f"_{args.as_cpu}_emulated" if args.as_cpu else ""))
     return 0
 
 
-def write(out: dict) -> None:
+def write(out: dict, stem: str) -> None:
     results = ROOT / "benchmarks/results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "serve_load.json").write_text(json.dumps(out, indent=2) + "\n")
+    (results / f"{stem}.json").write_text(json.dumps(out, indent=2) + "\n")
     m = out["machine"]
     md = ["# `lora-ft serve` load test: one tweet per request, /v1/classify, speed levers one at a time", "",
           f"{out['date']}, {m['cpu_model']} ({m['capability']}), {m['nproc']} cores, run `{out['run']}`, "
           f"{out['clients']} concurrent clients; server and clients on the same machine. Labels compared with "
-          "`lora-ft predict` on the run (fp32).", "",
+          "`lora-ft predict` on the run (fp32)."
+          + (f" EMULATED {out['emulated_cpu']}: kernels limited as on such a CPU, an estimate, not a measurement."
+             if out["emulated_cpu"] else ""), "",
           "| row | server arguments | req/s | p50 ms | p99 ms | errors | labels changed | load 1-min before |",
           "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['row']} | `{r['args'] or 'benchmarks/naive_serve.py'}` | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} "
            f"| {r['errors']} | {r['labels_changed']} / {r['requests']} | {r['loadavg_1min_before']} |" for r in out["rows"]]
     md += ["", "Ratios of req/s: " + ", ".join(f"{k} {v}x" for k, v in out["ratios"].items()) + ".",
            f"Command: `{out['command']}`"]
-    (ROOT / "benchmarks/results/serve_load.md").write_text("\n".join(md) + "\n")
+    (results / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
