@@ -198,3 +198,36 @@ def generate_one(model, tok, prompt, max_new_tokens: int = 64, temperature: floa
         new = new[: next(i for i, t in enumerate(new) if t in eos)]
     return {"completion": tok.decode(new, skip_special_tokens=True).strip(), "stopped": stopped,
             "prompt_tokens": int(ids.shape[1]), "completion_tokens": len(new) + int(stopped)}
+
+
+def load_plain(path: str | Path, task: Optional[str] = None, trust: Trust = NONE):
+    """(model in eval mode, tokenizer, recipe) for a plain HF model folder (no lora_ft_recipe.yaml: a base model, or
+    one trained elsewhere). Its task is `task`, or the one whose ARCHITECTURES match config.json's architectures."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from .config import LoraFtArguments
+    from .modeling import fix_pad_token, load_model
+    from .tasks import TASKS, auto_class, get_task, task_for_architectures
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise DataError(f"{path}: no config.json; pass a run dir, a merged folder or a HF model folder")
+    archs = json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures")
+    task = task or task_for_architectures(archs)
+    if task is None:
+        raise DataError(f"{path}: config.json architectures {archs} name no task lora_ft serves; pass --task "
+                        f"({', '.join(TASKS)})")
+    if task not in TASKS:
+        raise DataError(f"--task {task}: use one of {', '.join(TASKS)}")
+    tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust.trust_remote_code)
+    fix_pad_token(tok)
+    # Defaults but for these (no data, no training: nothing else applies); a chat model keeps its own template.
+    chat = bool(get_task(task).GENERATES and getattr(tok, "chat_template", None))
+    args = LoraFtArguments(model_name_or_path=str(p), task=task, use_peft=False, use_chat_template=chat)
+    recipe = granted(Recipe(args=args, trainer={}, source=str(p)), trust, p)
+    model, _ = load_model(recipe.args, auto_class(get_task(task)), training=False)
+    get_task(task).setup_model(model, tok)
+    model.eval()
+    return model, tok, recipe

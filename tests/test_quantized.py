@@ -52,6 +52,17 @@ def test_served_model_is_quantized_with_a_full_precision_head(quantized_run):
     assert heads and all(p.dtype == torch.float32 for p in heads)  # skipped by the quantizer, trained fully
 
 
+def test_serving_leaves_quantized_weights_as_they_are(quantized_run, monkeypatch):
+    """bf16 serving casts full-precision models only: bitsandbytes layers already compute in their compute dtype."""
+    from lora_ft.serving.registry import load_models
+
+    monkeypatch.setenv("LORA_FT_CPU_CAPABILITY", "amx")  # auto would cast to bf16 here
+    mode, run_dir = quantized_run
+    served = load_models([f"q={run_dir}"])
+    assert served["q"].group.dtype == "quantized"
+    assert ("Linear4bit" if mode == "4bit" else "Linear8bitLt") in quantized_layer_types(served["q"].group.model)
+
+
 def test_predict_matches_train_time_eval(quantized_run, capsys):
     mode, run_dir = quantized_run
     rows = json_lines((run_dir / "eval_predictions.jsonl").read_text(encoding="utf-8"))

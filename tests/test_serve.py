@@ -18,6 +18,7 @@ from lora_ft.inference import generate_texts, load_run
 from lora_ft.tasks.classification import predict as classify
 from lora_ft.serving.app import ServeSettings, build_app
 from lora_ft.serving.registry import load_models
+from lora_ft.serving.speed import Speed
 from test_causal_lm import chat_rows, data_dir, train_run
 
 TEXTS = ["a lovely sunny day", "the train was late again", "it is a table", "what a wonderful surprise", "meh"]
@@ -39,7 +40,9 @@ def chat_model(tmp_path_factory, llama_models):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def served(llama_run, second_llama_run, gpt2_run, chat_model):
-    return load_models([str(llama_run.run_dir), f"other={second_llama_run}", f"gpt2={gpt2_run.run_dir}", f"chat={chat_model}"])
+    # fp32 weights, so scores equal fp32 predict's to 1e-4 (the other levers stay on; bf16: test_serve_speed.py)
+    return load_models([str(llama_run.run_dir), f"other={second_llama_run}", f"gpt2={gpt2_run.run_dir}", f"chat={chat_model}"],
+                       speed=Speed(dtype="float32"))
 
 
 def client(served, **settings):

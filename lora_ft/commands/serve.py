@@ -1,4 +1,5 @@
-"""`lora-ft serve RUN [NAME=RUN ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--allowed-hosts H,...] [--max-batch-size 32]`."""
+"""`lora-ft serve RUN [NAME=RUN ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--allowed-hosts H,...] [--max-batch-size 32]
+[--backend torch|onnx] [--dtype auto|bfloat16|float32] [--no-inference-mode] [--no-group-by-length] [--threads N] [--task T]`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import os
 import sys
 
+from ..serving.speed import BACKENDS, DTYPES, Speed
+from ..tasks import TASKS
 from ..trust import add_trust_args
 
 HELP = "serve runs and merged models over REST: classify, generate, OpenAI chat completions"
@@ -14,7 +17,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help=HELP, description=HELP)
-    p.add_argument("models", nargs="+", metavar="RUN", help="run dir or merged folder; NAME=PATH names it (default: folder name)")
+    p.add_argument("models", nargs="+", metavar="RUN",
+                   help="run dir, merged folder or plain HF model folder; NAME=PATH names it (default: folder name)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allowed-hosts", default="", metavar="H[,H...]",
@@ -27,6 +31,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, default=256, help="texts or prompts per request")
     p.add_argument("--max-input-chars", type=int, default=20_000)
     p.add_argument("--max-new-tokens", type=int, default=1024, help="the most tokens a request may ask for")
+    speed = Speed()  # the defaults' one home; lora_ft/serving/speed.py says what each lever does
+    p.add_argument("--backend", choices=BACKENDS, default=speed.backend,
+                   help="torch, or onnx: onnxruntime runs a merged labelling model (exported and verified at start)")
+    p.add_argument("--dtype", choices=DTYPES, default=speed.dtype,
+                   help="weights of labelling models; auto: bfloat16 where the CPU has AMX or AVX512-BF16, else float32")
+    p.add_argument("--inference-mode", action=argparse.BooleanOptionalAction, default=speed.inference_mode,
+                   help="torch.inference_mode around every forward (--no-inference-mode: no_grad)")
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=speed.group_by_length,
+                   help="split a batch into runs of similar token counts where that saves padding")
+    p.add_argument("--threads", type=int, default=speed.threads, help="torch / onnxruntime intra-op threads (0: one per core)")
+    p.add_argument("--task", choices=TASKS, help="task of plain HF model folders (default: from config.json architectures)")
     add_trust_args(p)
     return p
 
@@ -42,18 +57,23 @@ def run(args, overrides: list[str]) -> int:
 
     from ..serving.app import ServeSettings, build_app
     from ..serving.registry import load_models
+    from ..serving.speed import apply_threads
     from ..trust import from_args
 
     hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
+    speed = Speed(dtype=args.dtype, inference_mode=args.inference_mode, group_by_length=args.group_by_length,
+                  threads=args.threads, backend=args.backend)
     settings = ServeSettings(api_key=args.api_key, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              timeout_s=args.timeout, max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs,
                              max_input_chars=args.max_input_chars, max_new_tokens=args.max_new_tokens,
-                             host=args.host, allowed_hosts=hosts)
-    models = load_models(args.models, from_args(args))
+                             host=args.host, allowed_hosts=hosts, speed=speed)
+    apply_threads(speed)
+    models = load_models(args.models, from_args(args), speed, args.task)
     if args.host not in LOOPBACK and not args.api_key:
         print(f"lora-ft: warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     for name, m in models.items():
-        print(f"[lora_ft] serving {name} ({m.task}) from {m.path}", file=sys.stderr)
+        how = "onnxruntime" if speed.backend == "onnx" else f"torch {m.group.dtype}"
+        print(f"[lora_ft] serving {name} ({m.task}, {how}) from {m.path}", file=sys.stderr)
     print(f"[lora_ft] listening on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(build_app(models, settings), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -10,7 +10,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -23,6 +23,7 @@ from .guards import BodyLimit, HostGuard, KeyGuard, accepted_hosts, error_respon
 from .jobs import Job, JobOver, SeededSampler, StopWhenOver, position_limit
 from .registry import ServedModel
 from .schemas import ChatRequest, ClassifyRequest, GenerateRequest
+from .speed import Speed, grad_off, predict_grouped
 
 log = logging.getLogger("lora_ft.serving")
 UNMATCHED = "unmatched"  # one metrics label for every path no route serves: strangers cannot mint series
@@ -40,6 +41,7 @@ class ServeSettings:
     max_new_tokens: int = 1024
     host: str = "127.0.0.1"  # the bind address: Host headers must name it (or loopback, or allowed_hosts)
     allowed_hosts: tuple[str, ...] = ()  # more Host names to answer; "*" accepts any
+    speed: Speed = field(default_factory=Speed)  # inference_mode and length groups here; dtype and backend at load
 
     def __post_init__(self):
         if self.api_key is not None and not self.api_key.strip():
@@ -67,8 +69,10 @@ def build_app(models: dict[str, ServedModel], settings: ServeSettings = ServeSet
 
         def run(texts: list[str]) -> list[dict]:
             batch_hist.observe(len(texts))
-            with sm.group.lock:  # task.predict is looked up per batch: the same function `lora-ft predict` calls
-                rows = get_task(sm.task).predict(sm.activate(), sm.tok, texts, sm.recipe, batch_size=settings.max_batch_size)
+            # task.predict, looked up per batch, is the function `lora-ft predict` calls; grad_off wraps its no_grad
+            with sm.group.lock, grad_off(settings.speed):
+                rows = predict_grouped(get_task(sm.task), sm.activate(), sm.tok, texts, sm.recipe, settings.speed,
+                                       settings.max_batch_size)
             return [{k: r[k] for k in task.SERVE_FIELDS} for r in rows]
 
         return run

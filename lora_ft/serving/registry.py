@@ -1,4 +1,5 @@
-"""The models a server holds: run dirs and merged folders, with runs on one base sharing one copy of its weights."""
+"""The models a server holds: run dirs, merged folders and plain HF model folders, with runs on one base sharing one
+copy of its weights; each model cast once to the serving dtype (lora_ft/serving/speed.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import LoraFtError
+from ..config import RECIPE_FILE
 from ..trust import NONE, Trust, granted
+from .speed import Speed, cast
 
 NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -23,6 +26,7 @@ class Group:
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: list[str] = field(default_factory=list)
     generation_config: Any = None  # the base's own, as loaded: the default of every run that saved none
+    dtype: str = "float32"  # what its forward computes in (speed.cast)
 
 
 @dataclass
@@ -62,7 +66,7 @@ def parse_specs(specs: list[str]) -> list[tuple[str, Path]]:
             raise LoraFtError(f"serve: two models named '{name}'; name them apart with NAME=PATH")
         out.append((name, Path(path)))
     if not out:
-        raise LoraFtError("serve: no models; pass one or more run dirs or merged folders")
+        raise LoraFtError("serve: no models; pass one or more run dirs, merged folders or HF model folders")
     return out
 
 
@@ -71,21 +75,31 @@ def _base_key(recipe) -> tuple:
     return (a.model_name_or_path, a.task, len(a.labels or []), a.load_in_4bit, a.load_in_8bit, a.dtype, a.load_in_4bit and a.use_dora)
 
 
-def load_models(specs: list[str], trust: Trust = NONE) -> dict[str, ServedModel]:
-    """Load every model once; adapters whose base, task, label count and quantization agree share one base."""
+def load_models(specs: list[str], trust: Trust = NONE, speed: Speed = Speed(), task: Optional[str] = None) -> dict[str, ServedModel]:
+    """Load every model once; adapters whose base, task, label count and quantization agree share one base.
+    task: the task of plain HF folders (default: from their config's architectures)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     from ..cpu import dora as cpu_dora
     from ..config import load_run_recipe
-    from ..inference import load_run
+    from ..inference import load_plain, load_run
     from ..modeling import fix_pad_token, load_model
     from ..runs import require_run_dir
     from ..tasks import auto_class, get_task
+    from .onnx_backend import load_onnx
 
     groups: dict[tuple, Group] = {}
     served: dict[str, ServedModel] = {}
     for name, path in parse_specs(specs):
+        if speed.backend == "onnx":
+            model, tok, recipe = load_onnx(Path(path), trust, speed.threads)
+            served[name] = ServedModel(name, Path(path), recipe.args.task, recipe, tok, Group(model), None)
+            continue
+        if Path(path).is_dir() and not (Path(path) / RECIPE_FILE).is_file() and (Path(path) / "config.json").is_file():
+            model, tok, recipe = load_plain(path, task, trust)  # a base model or one trained elsewhere
+            served[name] = ServedModel(name, Path(path), recipe.args.task, recipe, tok, Group(model), None)
+            continue
         p = require_run_dir(path)
         recipe = granted(load_run_recipe(p), trust, p)
         if not (p / "adapter_config.json").is_file():  # merged or fully fine-tuned: a model of its own
@@ -93,15 +107,15 @@ def load_models(specs: list[str], trust: Trust = NONE) -> dict[str, ServedModel]
             served[name] = ServedModel(name, p, recipe.args.task, recipe, tok, Group(model), None)
             continue
         a = recipe.args
-        task = get_task(a.task)
+        tm = get_task(a.task)
         tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=a.trust_remote_code)
         fix_pad_token(tok)
         key = _base_key(recipe)
         adapter = f"a{len(served)}"  # peft names become module keys: no dots, so not the user's name
         if key not in groups:
-            extra = task.reload_kwargs(a)
-            base, _ = load_model(a, auto_class(task), training=False, **extra)
-            task.setup_model(base, tok)
+            extra = tm.reload_kwargs(a)
+            base, _ = load_model(a, auto_class(tm), training=False, **extra)
+            tm.setup_model(base, tok)
             model = PeftModel.from_pretrained(base, str(p), adapter_name=adapter)
             groups[key] = Group(model, generation_config=copy.deepcopy(getattr(model, "generation_config", None)))
         else:
@@ -117,4 +131,9 @@ def load_models(specs: list[str], trust: Trust = NONE) -> dict[str, ServedModel]
 
             gen = GenerationConfig.from_pretrained(str(p))
         served[name] = ServedModel(name, p, a.task, recipe, tok, group, adapter, gen)
+    # Once per base, after every adapter is in. Labelling models only: generation stays in the dtype `lora-ft
+    # generate` runs, so /v1/generate keeps its tokens.
+    groups_of = {id(m.group): m for m in served.values() if speed.backend == "torch" and get_task(m.task).predict is not None}
+    for m in groups_of.values():
+        m.group.dtype = cast(m.group.model, speed)
     return served

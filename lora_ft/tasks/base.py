@@ -54,6 +54,7 @@ class TaskModule(Protocol):
     SEARCH_SPACE: str
     COMPRESS_METRIC: str
     SERVE_ROUTES: tuple  # the HTTP routes that serve this task
+    ARCHITECTURES: tuple  # endings of config.json `architectures` names: a plain HF folder is served as this task
     MEMORY_HEAD: str  # memory model: "none" (small head), "chunked" (causal LM), "full" (full-vocabulary logits)
 
 

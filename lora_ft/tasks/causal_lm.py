@@ -36,6 +36,7 @@ ONNX_GRAPH = None  # causal LMs export as GGUF
 PIPELINE_TAG = "text-generation"
 CARD_HYPER = ("dataset_format", "use_chat_template", "packing")
 SERVE_ROUTES = ("/v1/generate", "/v1/chat/completions")
+ARCHITECTURES = ("ForCausalLM", "LMHeadModel")  # config architectures this task serves as a plain folder (GPT2LMHeadModel)
 SERVE_FIELDS: tuple = ()
 MEMORY_HEAD = "chunked"
 reload_kwargs = no_reload_kwargs

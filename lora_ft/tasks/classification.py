@@ -36,6 +36,7 @@ ONNX_GRAPH = "logits"
 PIPELINE_TAG = "text-classification"
 CARD_HYPER: tuple = ()
 SERVE_ROUTES = ("/v1/classify",)
+ARCHITECTURES = ("ForSequenceClassification",)  # config architectures this task serves as a plain folder
 SERVE_FIELDS = ("label", "score", "scores")
 MEMORY_HEAD = "none"
 reload_kwargs = labelled_reload_kwargs

@@ -41,6 +41,7 @@ ONNX_GRAPH = "encoder-decoder"
 PIPELINE_TAG = "text-generation"
 CARD_HYPER = ("source_template", "max_target_length", "generation_max_new_tokens")
 SERVE_ROUTES = ("/v1/generate",)
+ARCHITECTURES = ("ForConditionalGeneration", "ForSeq2SeqLM")  # config architectures served as a plain folder (T5, BART)
 SERVE_FIELDS: tuple = ()
 MEMORY_HEAD = "full"
 reload_kwargs = no_reload_kwargs

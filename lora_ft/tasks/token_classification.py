@@ -35,6 +35,7 @@ ONNX_GRAPH = "token-logits"
 PIPELINE_TAG = "token-classification"
 CARD_HYPER = ("tag_scheme", "label_all_tokens")
 SERVE_ROUTES = ("/v1/token-classify",)
+ARCHITECTURES = ("ForTokenClassification",)  # config architectures this task serves as a plain folder
 SERVE_FIELDS = ("entities",)
 MEMORY_HEAD = "none"
 reload_kwargs = labelled_reload_kwargs
