@@ -71,6 +71,15 @@ def tensor_name(arch, hf: str):
     return f"{stem}.{kind}", stem
 
 
+def to_layout(arch, c, hf: str, w):
+    """(llama.cpp name, numpy array in llama.cpp's layout) for one HF state-dict tensor (numpy, float32)."""
+    name, stem = tensor_name(arch, hf)
+    if arch.transposed and w.ndim == 2 and stem.startswith("blk."):
+        w = w.T.copy()
+    heads = arch.heads(stem, c)
+    return name, (_permute(w, heads) if heads else w)
+
+
 def gguf_tensors(state: dict, c, quant: str):
     """(name, numpy array, raw ggml type or None) in llama.cpp naming, layout and types, from an HF state dict."""
     import numpy as np
@@ -84,13 +93,7 @@ def gguf_tensors(state: dict, c, quant: str):
             continue  # llama.cpp reuses token_embd when output.weight is absent
         if hf.endswith((".attn.bias", ".attn.masked_bias")) and arch.transposed:
             continue  # old GPT-2 checkpoints' causal-mask buffers
-        name, stem = tensor_name(arch, hf)
-        w = t.detach().float().cpu().numpy()
-        if arch.transposed and w.ndim == 2 and stem.startswith("blk."):
-            w = w.T.copy()
-        heads = arch.heads(stem, c)
-        if heads:
-            w = _permute(w, heads)
+        name, w = to_layout(arch, c, hf, t.detach().float().cpu().numpy())
         if w.ndim == 1:  # norms and biases: tiny, and precision-critical; llama.cpp keeps them f32
             yield name, w.astype(np.float32), None
         elif quant == "q8_0" and w.shape[-1] % 32 == 0:  # Q8_0 blocks run along a row

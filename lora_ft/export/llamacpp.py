@@ -100,10 +100,16 @@ def compare(llm, model, tok, prompts: list[list[int]], n_new: int, quant: str, c
             same += eq
             step += eq[len(p) - 1: len(p) - 1 + len(ref[-1])]
     prefix = [next((i for i, (a, b) in enumerate(zip(r, n)) if a != b), min(len(r), len(n))) for r, n in zip(ref, new)]
+    # llama.cpp also ends generation on tokens it recognizes by text (<|endoftext|>, <|eot_id|>, ...) that the
+    # model's generation config does not list: the same tokens up to there, then llama.cpp stops. Reported apart.
+    early = [bool(n) and n != r and r[: len(n)] == n and is_eog(llm, n[-1]) and n[-1] not in (eos or []) for r, n in zip(ref, new)]
     t = TOLERANCE[quant]
     tol, agree = t["atol"] + t["rtol"] * scale, (sum(same) / len(same), sum(step) / max(1, len(step)))
     check = {"engine": f"llama-cpp-python {version()}", "tokenizer_mismatches": bad,
              "greedy_exact": [r == n for r, n in zip(ref, new)],
+             "greedy_same_until_llamacpp_stop": [r == n or e for r, n, e in zip(ref, new, early)],
+             "llamacpp_extra_stops": sorted({llm.detokenize([n[-1]], special=True).decode("utf-8", "replace")
+                                             for n, e in zip(new, early) if e}),
              "greedy_prefix_agreement": sum(prefix) / max(1, sum(max(len(r), len(n)) for r, n in zip(ref, new))),
              "argmax_agreement": agree[0], "greedy_step_agreement": agree[1], "max_abs_logit_diff": diff,
              "logit_scale": scale, "tolerance": {"max_abs_logit_diff": tol, "argmax_agreement": t["argmax"]},
@@ -112,15 +118,16 @@ def compare(llm, model, tok, prompts: list[list[int]], n_new: int, quant: str, c
                 f"llama.cpp max |logit diff| {diff:.3g} > {tol:.3g}" if diff > tol else "",
                 f"llama.cpp argmax agreement {agree[0]:.3f} (greedy steps {agree[1]:.3f}) < {t['argmax']}" if min(agree) < t["argmax"] else ""]
     if chats:
-        check["chat"] = _chat(llm, tok, chats, ref, n_new)
+        check["chat"] = _chat(llm, tok, chats, [n if e else r for r, n, e in zip(ref, new, early)], n_new)
         problems += check["chat"]["problems"]
     check["problems"] = [p for p in problems if p]
     return check
 
 
 def _chat(llm, tok, chats: list, ref: list[list[int]], n_new: int) -> dict:
-    """The chat path end to end: same prompt text as the HF template, and the reply stops where transformers' did."""
-    stop_ids = set(_eot_ids(tok))
+    """The chat path end to end: same prompt text as the HF template, and the reply stops where transformers' did
+    (`ref`: transformers' tokens, cut where llama.cpp's greedy run stopped on one of its extra stop tokens)."""
+    stop_ids = set(_eot_ids(tok)) | {r[-1] for r in ref if r and is_eog(llm, r[-1])}
     rendered, replies, problems = [], [], []
     for msgs, r in zip(chats, ref):
         hf = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -130,8 +137,11 @@ def _chat(llm, tok, chats: list, ref: list[list[int]], n_new: int) -> dict:
         choice = out["choices"][0]
         stopped = bool(r) and r[-1] in stop_ids
         want = tok.decode(r[:-1] if stopped else r, skip_special_tokens=True)
-        replies.append({"text": choice["message"]["content"], "finish_reason": choice["finish_reason"],
-                        "same_text": choice["message"]["content"].strip() == want.strip(),
+        got = choice["message"]["content"] or ""
+        # None where the tokens are not valid UTF-8 (random models): transformers shows U+FFFD, llama-cpp-python
+        # holds the bytes back or drops them, so the texts are not comparable; the tokens were compared above
+        replies.append({"text": got, "finish_reason": choice["finish_reason"],
+                        "same_text": None if "\ufffd" in want else got.strip() == want.strip(),
                         "stopped_at_end_of_turn": choice["finish_reason"] == "stop", "reference_stopped": stopped})
     if not all(rendered):
         problems.append(f"llama.cpp's chat template renders {rendered.count(False)} prompt(s) differently from the HF template")
