@@ -27,7 +27,8 @@ CORPUS = ["The sky is blue and the sea is deep.", "What is the capital of France
           "I'M SURE IT'S FINE. the sea.The sky,blue"] * 20  # the last: where GPT-2's and Llama 3's splits differ
 
 
-def build_tiny(out: Path, split_regex: str | None = None, tied: bool = False, arch: str = "llama", nfc: bool = False) -> Path:
+def build_tiny(out: Path, split_regex: str | None = None, tied: bool = False, arch: str = "llama", nfc: bool = False,
+               add_bos: bool = True) -> Path:
     """Embeddings padded past the tokenizer (llama.cpp pads the vocabulary), 2 KV heads (GQA), BOS added by the
     tokenizer, a ChatML template, an untied head by default: each is a branch of the writer. split_regex: a
     Llama 3 style Split + ByteLevel pre-tokenizer instead of GPT-2's. arch: llama, qwen2 (Q/K/V biases) or gpt2
@@ -46,7 +47,8 @@ def build_tiny(out: Path, split_regex: str | None = None, tied: bool = False, ar
     raw.decoder = decoders.ByteLevel()
     raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    if add_bos:
+        raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
                                   unk_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
     tok.chat_template = CHATML
