@@ -341,3 +341,30 @@ def test_llamacpp_runs_tiny_models(tmp_path, name):
     assert llamacpp.is_eog(llm, tok.convert_tokens_to_ids("<|im_end|>"))
     assert not llamacpp.is_eog(llm, tok.convert_tokens_to_ids("<|im_start|>"))
     llm.close()
+
+
+@pytest.mark.slow
+def test_smollm2_llamacpp(tmp_path):
+    """The real builtin in llama.cpp: f16 greedy tokens identical to transformers on 3 chat prompts, the file's chat
+    template renders as HF's, chat completions give the same text and stop at <|im_end|> where transformers does;
+    q8_0 agreement is reported. The Ollama export of the same model picks ChatML with SmolLM2's default system."""
+    _need_llamacpp()
+    from lora_ft.builtin_models import prepare
+    from lora_ft.export import ollama
+
+    try:
+        src = prepare("smollm2-135m-instruct")
+    except LoraFtError as e:
+        pytest.skip(str(e))
+    f16 = eg.export_gguf(str(src), str(tmp_path / "f16.gguf"), "f16", llama_cpp="require")
+    v = f16["verification_llamacpp"]
+    assert v["greedy_exact"] == [True] * 3 and v["tokenizer_mismatches"] == [] and not v["problems"]
+    assert v["chat"]["template_renders_same"] == [True] * 3
+    assert all(r["same_text"] and r["stopped_at_end_of_turn"] == r["reference_stopped"] for r in v["chat"]["replies"])
+    q8 = eg.export_gguf(str(src), str(tmp_path / "q8.gguf"), "q8_0", llama_cpp="require")
+    w = q8["verification_llamacpp"]
+    assert q8["verified"] and w["greedy_step_agreement"] >= 0.9
+    print({"f16": {k: v[k] for k in ("greedy_exact", "max_abs_logit_diff", "argmax_agreement")},
+           "q8_0": {k: w[k] for k in ("greedy_exact", "greedy_step_agreement", "max_abs_logit_diff", "argmax_agreement")}})
+    out = ollama.export_ollama(str(src), str(tmp_path / "ollama"), llama_cpp="off")
+    assert out["template_family"] == "chatml" and out["stop"] == ["<|im_end|>"] and "named SmolLM" in out["modelfile"]
