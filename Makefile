@@ -45,12 +45,13 @@ llamacpp: setup
 quickstart: setup
 	$(BIN)/lora-ft train recipes/quickstart.yaml
 
-bench: setup
+bench: setup llamacpp
 	$(BIN)/pytest -q -m slow
 	$(BIN)/python benchmarks/cls_tweets.py
 	$(BIN)/python benchmarks/sft_smollm2.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/merge_compress.py
+	$(BIN)/python benchmarks/export_llamacpp.py
 	$(BIN)/python benchmarks/memory_plan.py
 	$(BIN)/python benchmarks/augment_tweets.py
 	$(BIN)/python benchmarks/throughput.py

@@ -94,6 +94,11 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--max_new_tokens", type=int, default=64)
     a = ap.parse_args()
+    from lora_ft.export import llamacpp
+
+    if llamacpp.version() is None:
+        print("llama-cpp-python does not import here; install it with `make llamacpp`", file=sys.stderr)
+        return 2
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
