@@ -33,6 +33,8 @@ TEXTS = ["Hello world! I'M SURE IT'S fine, isn't it?", "  two leading spaces,\tt
 # permutation or tensor fails both. Measured on SmolLM2-135M (logit scale 38): f16 max diff 0.04 and greedy
 # exact; q8_0 max diff 1.3.
 TOLERANCE = {"f16": {"argmax": 0.98, "atol": 0.05, "rtol": 0.005}, "q8_0": {"argmax": 0.8, "atol": 0.2, "rtol": 0.075}}
+
+
 def _check_source(model_dir: str, quant: str) -> None:
     """One-line errors for what is wrong before anything heavy is imported or loaded."""
     if quant not in QUANTS:
@@ -59,11 +61,11 @@ def check_config(c) -> None:
 
 
 def _permute(w, n_head: int):
-    return permute(w, n_head)
+    return permute(w, n_head)  # one seam for the Q/K row order (the writer and the LoRA export; tests break it here)
 
 
 def tensor_name(arch, hf: str):
-    """(llama.cpp name, heads to permute or None) for a state-dict key; raises on one llama.cpp has no place for."""
+    """(llama.cpp name, its stem without .weight/.bias) for a state-dict key; raises on one llama.cpp has no place for."""
     module, _, kind = hf.rpartition(".")
     stem = arch.module(module)
     if stem is None or kind not in ("weight", "bias"):
