@@ -1,6 +1,7 @@
 """GGUF exports run by llama.cpp (issue 21): a short SmolLM2 SFT run, merged, exported f16 / q8_0 / Ollama / GGUF LoRA.
 
     flock /work/heavy.lock .venv/bin/python benchmarks/export_llamacpp.py [--train 200] [--prompts 10] [--max_new_tokens 64]
+        [--run RUN_DIR]   # a finished run of recipes/smollm2_sft.yaml to start from instead of training one
 
 Every step is the real CLI (`lora-ft train`, `merge`, `export --llamacpp require`), in this process. Then held-out
 chat prompts (with the run's system prompt) go through transformers on the merged model (fp32, greedy) and through
@@ -25,7 +26,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SYSTEM = "You are a concise assistant."
 
 
-def cli(*args) -> dict:
+def cli(*args, report: bool = True) -> dict:
     import contextlib
     import io
 
@@ -37,7 +38,7 @@ def cli(*args) -> dict:
     if rc:
         raise SystemExit(f"lora-ft {' '.join(map(str, args))} exited {rc}")
     text = buf.getvalue()
-    return json.loads(text[text.index("{"):]) if "{" in text else {}
+    return json.loads(text[text.index("\n{") + 1 if not text.startswith("{") else 0:]) if report else {}
 
 
 def engines(merged: Path, files: dict, prompts: list[str], n_new: int) -> dict:
@@ -93,6 +94,7 @@ def main() -> int:
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--prompts", type=int, default=10)
     ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--run", type=Path, help="a finished SFT run to export (default: train one)")
     a = ap.parse_args()
     from lora_ft.export import llamacpp
 
@@ -102,15 +104,17 @@ def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     meta = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    t0 = time.time()
-    cli("train", ROOT / "recipes/smollm2_sft.yaml", "--dataset_name", DATA, "--max_train_samples", a.train, "--max_eval_samples", 20,
-        "--max_length", 256, "--system_prompt", SYSTEM, "--output_dir", OUT / "run", "--report_to", "none", "--disable_tqdm", "true")
-    meta["train_s"] = round(time.time() - t0, 1)
-    cli("merge", OUT / "run", "--output", OUT / "merged")
+    run = a.run or OUT / "run"
+    if a.run is None:
+        cli("train", ROOT / "recipes/smollm2_sft.yaml", "--dataset_name", DATA, "--max_train_samples", a.train, "--max_eval_samples",
+            20, "--max_length", 256, "--system_prompt", SYSTEM, "--output_dir", run, "--report_to", "none", "--disable_tqdm", "true",
+            report=False)
+    meta["run"] = {"dir": str(run), **json.loads((run / "metrics.json").read_text())}
+    cli("merge", run, "--output", OUT / "merged", report=False)
     reports = {q: cli("export", OUT / "merged", "--format", "gguf", "--quant", q, "--output", OUT / f"m-{q}.gguf", "--llamacpp", "require")
                for q in ("f16", "q8_0")}
     reports["ollama"] = cli("export", OUT / "merged", "--format", "ollama", "--output", OUT / "ollama", "--llamacpp", "require")
-    reports["gguf-lora"] = cli("export", OUT / "run", "--format", "gguf-lora", "--output", OUT / "adapter.gguf", "--llamacpp", "require")
+    reports["gguf-lora"] = cli("export", run, "--format", "gguf-lora", "--output", OUT / "adapter.gguf", "--llamacpp", "require")
     from lora_ft.builtin_models import prepare
 
     cli("export", prepare("smollm2-135m-instruct"), "--format", "gguf", "--output", OUT / "base-f16.gguf", "--llamacpp", "off")
