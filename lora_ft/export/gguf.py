@@ -1,22 +1,25 @@
-"""GGUF export for Llama-family causal LMs (llama.cpp, Ollama, LM Studio), verified before it is kept.
+"""GGUF export of Llama, Qwen2 and GPT-2 family causal LMs (llama.cpp, Ollama, LM Studio), verified before it is kept.
 
-The file is written the way llama.cpp's convert_hf_to_gguf.py writes a Llama: its tensor names, the Q/K row
-permutation, 1-D tensors in f32, the byte-level BPE vocabulary as "gpt2" tokenizer metadata. It is then read
-back with transformers' own GGUF loader (an implementation independent of the writer) and must reproduce the
-source model's tokenization, logits and greedy tokens; otherwise nothing is written.
+The file is written the way llama.cpp's convert_hf_to_gguf.py writes these architectures (gguf_arch.py: tensor
+names, the Llama Q/K row permutation, GPT-2's transposed Conv1D weights), 1-D tensors in f32, the byte-level BPE
+vocabulary as "gpt2" tokenizer metadata with the chat template. It is then read back with transformers' own GGUF
+loader (an implementation independent of the writer) and must reproduce the source model's tokenization, logits
+and greedy tokens; where llama-cpp-python is installed, llama.cpp itself runs the file too (llamacpp.py).
+Otherwise nothing is written.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 from ..errors import LoraFtError
 from ..outputs import check_output, output_file
+from .gguf_arch import FAMILIES, get_arch, permute
 
 MARK_KEY = "general.lora_ft"
 
-SUPPORTED_TYPES = ("llama",)
 QUANTS = ("f16", "q8_0")
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "List three colors:"]
 N_NEW = 16
@@ -30,12 +33,6 @@ TEXTS = ["Hello world! I'M SURE IT'S fine, isn't it?", "  two leading spaces,\tt
 # permutation or tensor fails both. Measured on SmolLM2-135M (logit scale 38): f16 max diff 0.04 and greedy
 # exact; q8_0 max diff 1.3.
 TOLERANCE = {"f16": {"argmax": 0.98, "atol": 0.05, "rtol": 0.005}, "q8_0": {"argmax": 0.8, "atol": 0.2, "rtol": 0.075}}
-# HF name -> llama.cpp name inside blk.N (convert_hf_to_gguf's tensor map for LLAMA).
-LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
 
 
 def _check_source(model_dir: str, quant: str) -> None:
@@ -48,48 +45,58 @@ def _check_source(model_dir: str, quant: str) -> None:
     if not (src / "config.json").is_file():
         hint = "it holds a LoRA adapter; merge it first with `lora-ft merge`" if (src / "adapter_config.json").is_file() else "no config.json"
         raise LoraFtError(f"export: {model_dir} is not a full model folder ({hint})")
-    mt = json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if mt not in SUPPORTED_TYPES:
-        raise LoraFtError(f"export: GGUF export supports model_type {', '.join(SUPPORTED_TYPES)} (Llama family: Llama, SmolLM2, ...); {model_dir} is {mt!r}")
+    check_model_type(json.loads((src / "config.json").read_text(encoding="utf-8")).get("model_type"), model_dir)
 
 
-def _check_config(c) -> None:
+def check_model_type(mt, where) -> None:
+    if get_arch(mt) is None:
+        raise LoraFtError(f"export: GGUF export supports model_type {FAMILIES}; {where} is {mt!r}")
+
+
+def check_config(c) -> None:
     """Refuse what transformers' GGUF loader cannot read back (so could not be verified) or llama.cpp treats otherwise."""
-    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
-    problems = [f"rope type {rope.get('rope_type')!r}" if rope.get("rope_type", "default") != "default" else "",
-                "attention/MLP biases" if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False) else "",
-                f"activation {c.hidden_act!r}" if c.hidden_act != "silu" else ""]
-    if any(problems):
-        raise LoraFtError(f"export: GGUF export does not support {', '.join(p for p in problems if p)} (plain Llama only)")
+    problems = [p for p in get_arch(c.model_type).problems(c) if p]
+    if problems:
+        raise LoraFtError(f"export: GGUF export of {c.model_type} does not support {', '.join(problems)}")
 
 
 def _permute(w, n_head: int):
-    """llama.cpp's Q/K row order: HF rotates halves of each head, llama.cpp adjacent pairs (K: the KV heads)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return permute(w, n_head)  # one seam for the Q/K row order (the writer and the LoRA export; tests break it here)
 
 
-def _gguf_tensors(model, quant: str):
-    """(name, numpy array, raw ggml type or None) in llama.cpp naming, layout and types."""
+def tensor_name(arch, hf: str):
+    """(llama.cpp name, its stem without .weight/.bias) for a state-dict key; raises on one llama.cpp has no place for."""
+    module, _, kind = hf.rpartition(".")
+    stem = arch.module(module)
+    if stem is None or kind not in ("weight", "bias"):
+        raise LoraFtError(f"export: tensor {hf} has no llama.cpp equivalent in a plain {arch.gguf} model")
+    return f"{stem}.{kind}", stem
+
+
+def to_layout(arch, c, hf: str, w):
+    """(llama.cpp name, numpy array in llama.cpp's layout) for one HF state-dict tensor (numpy, float32)."""
+    name, stem = tensor_name(arch, hf)
+    if arch.transposed and w.ndim == 2 and stem.startswith("blk."):
+        w = w.T.copy()
+    heads = arch.heads(stem, c)
+    return name, (_permute(w, heads) if heads else w)
+
+
+def gguf_tensors(state: dict, c, quant: str):
+    """(name, numpy array, raw ggml type or None) in llama.cpp naming, layout and types, from an HF state dict."""
     import numpy as np
     from gguf import GGMLQuantizationType as T
     from gguf.quants import quantize
 
-    c = model.config
+    arch = get_arch(c.model_type)
     tied = bool(getattr(c, "tie_word_embeddings", False))
-    for hf, t in model.state_dict().items():
+    for hf, t in state.items():
         if hf == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        parts = hf.split(".")
-        if hf in TOP_NAMES:
-            name = TOP_NAMES[hf]
-        elif parts[:2] == ["model", "layers"] and ".".join(parts[3:-1]) in LAYER_NAMES:
-            name = f"blk.{parts[2]}.{LAYER_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
-        else:
-            raise LoraFtError(f"export: tensor {hf} has no llama.cpp equivalent; this is not a plain Llama model")
-        w = t.detach().float().cpu().numpy()
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
-            w = _permute(w, c.num_attention_heads if ".attn_q." in name else c.num_key_value_heads)
-        if w.ndim == 1:  # norms: tiny, and precision-critical; llama.cpp keeps them f32
+        if hf.endswith((".attn.bias", ".attn.masked_bias")) and arch.transposed:
+            continue  # old GPT-2 checkpoints' causal-mask buffers
+        name, w = to_layout(arch, c, hf, t.detach().float().cpu().numpy())
+        if w.ndim == 1:  # norms and biases: tiny, and precision-critical; llama.cpp keeps them f32
             yield name, w.astype(np.float32), None
         elif quant == "q8_0" and w.shape[-1] % 32 == 0:  # Q8_0 blocks run along a row
             yield name, quantize(w, T.Q8_0), T.Q8_0
@@ -119,7 +126,9 @@ def _add_tokenizer(w, tok, n_vocab: int) -> dict:
 
     spec = json.loads(tok.backend_tokenizer.to_str())
     model, pre = spec.get("model") or {}, _pre_tokenizer(spec.get("pre_tokenizer") or {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or spec.get("normalizer") or pre is None:
+    # NFC (Qwen2's) is what llama.cpp's converter drops too: text already in NFC, nearly all text, encodes the same.
+    norm = (spec.get("normalizer") or {}).get("type")
+    if model.get("type") != "BPE" or model.get("byte_fallback") or norm not in (None, "NFC") or pre is None:
         raise LoraFtError("export: GGUF export supports byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM2 style) only; "
                           f"this one is {model.get('type')} with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}")
     vocab = tok.get_vocab()
@@ -143,39 +152,37 @@ def _add_tokenizer(w, tok, n_vocab: int) -> dict:
     add_eos = tok.eos_token_id is not None and full[-1:] == [tok.eos_token_id] and plain[-1:] != full[-1:]
     w.add_add_bos_token(add_bos), w.add_add_eos_token(add_eos)
     template = tok.chat_template
+    eot = None
     if template:
+        from ..inference import end_of_turn_id
+
         w.add_chat_template(template if isinstance(template, str) else [{"name": k, "template": v} for k, v in template.items()])
+        # Training labels the turn's closing token: llama.cpp must stop there also where eos is another token.
+        eot = end_of_turn_id(tok)
+        if eot is not None and eot != tok.eos_token_id:
+            w.add_eot_token_id(eot)
     return {"model": "gpt2", "pre": pre, "n_tokens": n_vocab, "n_merges": len(merges), "add_bos": add_bos,
-            "add_eos": add_eos, "chat_template": bool(template)}
+            "add_eos": add_eos, "chat_template": bool(template), "end_of_turn_id": eot}
 
 
-def _write(model, tok, path: Path, quant: str, name: str) -> dict:
+def write_gguf(state: dict, c, tok, path: Path, quant: str, name: str, n_vocab: int) -> dict:
+    """The model file: metadata under <arch>.<key> as llama.cpp and transformers' GGUF config mapping read it."""
     from collections import Counter
 
     import gguf
 
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rope = getattr(c, "rope_parameters", None) or {}
-    n_vocab = model.get_input_embeddings().weight.shape[0]
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = get_arch(c.model_type)
+    w = gguf.GGUFWriter(str(path), arch.gguf)
     w.add_string(MARK_KEY, "lora-ft export")  # first: `export` replaces only files it finds this in
-    theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
-    for key, value in (("name", name), ("context_length", c.max_position_embeddings), ("embedding_length", c.hidden_size),
-                       ("block_count", c.num_hidden_layers), ("feed_forward_length", c.intermediate_size),
-                       ("head_count", c.num_attention_heads), ("head_count_kv", c.num_key_value_heads),
-                       ("rope_dimension_count", head_dim), ("rope_freq_base", theta),
-                       ("layer_norm_rms_eps", float(c.rms_norm_eps)), ("vocab_size", n_vocab)):
-        getattr(w, f"add_{key}")(value)  # llama.<key> as llama.cpp and transformers' GGUF config mapping read it
-    if head_dim != c.hidden_size // c.num_attention_heads:  # llama.cpp otherwise derives it from the widths
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    w.add_name(name)
+    for key, value in arch.hparams(c, n_vocab):
+        getattr(w, f"add_{key}")(value)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if quant == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     if quant != "f16":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok_info = _add_tokenizer(w, tok, n_vocab)
     types = Counter()
-    for tname, data, raw in _gguf_tensors(model, quant):
+    for tname, data, raw in gguf_tensors(state, c, quant):
         w.add_tensor(tname, data, raw_dtype=raw)
         types[(raw.name if raw is not None else {"float32": "F32", "float16": "F16"}[data.dtype.name])] += 1
     try:
@@ -184,7 +191,7 @@ def _write(model, tok, path: Path, quant: str, name: str) -> dict:
         w.write_tensors_to_file()
     finally:
         w.close()
-    return {"tokenizer": tok_info, "tensor_types": dict(types), "n_tensors": sum(types.values())}
+    return {"architecture": arch.gguf, "tokenizer": tok_info, "tensor_types": dict(types), "n_tensors": sum(types.values())}
 
 
 def _verify(model, tok, folder: Path, file: str, quant: str) -> dict:
@@ -243,9 +250,40 @@ def _verify(model, tok, folder: Path, file: str, quant: str) -> dict:
     return check
 
 
-def export_gguf(model_dir: str, output: str, quant: str = "f16", overwrite: bool = False) -> dict:
+LLAMACPP_MODES = ("auto", "require", "off")
+
+
+def llamacpp_wanted(mode: str) -> bool:
+    """auto: llama.cpp checks the file where llama-cpp-python imports; require: refuse to go on without it."""
+    from . import llamacpp
+
+    if mode not in LLAMACPP_MODES:
+        raise LoraFtError(f"export: --llamacpp {mode} is not one of {', '.join(LLAMACPP_MODES)}")
+    if mode == "require" and llamacpp.version() is None:
+        raise LoraFtError("export: --llamacpp require, but llama-cpp-python does not import; install it with `make llamacpp` "
+                          "(or pip install -e '.[llamacpp]')")
+    return mode != "off" and llamacpp.version() is not None
+
+
+def check_with_llamacpp(path: Path, model, tok, quant: str, lora: Optional[Path] = None) -> dict:
+    """llama.cpp runs the file (base + `lora` for an adapter) on the verification prompts against `model`."""
+    from ..inference import render_prompt
+    from . import llamacpp
+
+    chat = bool(tok.chat_template)
+    llm = llamacpp.load(path, lora)
+    try:
+        return llamacpp.compare(llm, model, tok, [render_prompt(tok, p, chat) for p in PROMPTS], N_NEW, quant,
+                                chats=[[{"role": "user", "content": p}] for p in PROMPTS] if chat else None,
+                                texts=tuple(TEXTS))
+    finally:
+        llm.close()
+
+
+def export_gguf(model_dir: str, output: str, quant: str = "f16", overwrite: bool = False, llama_cpp: str = "auto") -> dict:
     """Write `output` (a .gguf file) from the HF folder `model_dir`; returns the report. Raises LoraFtError."""
     _check_source(model_dir, quant)
+    use_llamacpp = llamacpp_wanted(llama_cpp)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,18 +295,27 @@ def export_gguf(model_dir: str, output: str, quant: str = "f16", overwrite: bool
     if getattr(tok, "backend_tokenizer", None) is None:
         raise LoraFtError(f"export: {model_dir} has no fast (tokenizer.json) tokenizer to describe in GGUF")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    _check_config(model.config)
+    check_config(model.config)
     # A private folder beside the output: the same filesystem for an atomic rename, and nothing else in it, so
     # the read-back cannot pick up a tokenizer.json or config.json that happens to sit next to the output.
     with output_file(out, gguf_by_lora_ft, sources=[Path(model_dir)], overwrite=overwrite, what="export: --output") as path:
         report = {"model_dir": str(model_dir), "output": str(out), "quant": quant}
-        report.update(_write(model, tok, path, quant, Path(model_dir).resolve().name))
+        report.update(write_gguf(model.state_dict(), model.config, tok, path, quant, Path(model_dir).resolve().name,
+                                 model.get_input_embeddings().weight.shape[0]))
         report["size_bytes"] = path.stat().st_size
         report["size_mb"] = round(report["size_bytes"] / 2**20, 1)
+        import transformers
+
         report["verification"] = _verify(model, tok, path.parent, path.name, quant)
-        report["verified"] = not report["verification"]["problems"]
+        report["checked_by"] = [f"transformers {transformers.__version__} (gguf_file= reader)"]
+        problems = list(report["verification"]["problems"])
+        if use_llamacpp:
+            report["verification_llamacpp"] = check_with_llamacpp(path, model, tok, quant)
+            report["checked_by"].append(report["verification_llamacpp"]["engine"])
+            problems += report["verification_llamacpp"]["problems"]
+        report["verified"] = not problems
         if not report["verified"]:
-            raise LoraFtError(f"export: the GGUF file read back does not match {model_dir} ({'; '.join(report['verification']['problems'])}); nothing written")
+            raise LoraFtError(f"export: the GGUF file read back does not match {model_dir} ({'; '.join(problems)}); nothing written")
     return report
 
 
