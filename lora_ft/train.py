@@ -35,7 +35,7 @@ def resolve_hardware(recipe: Recipe) -> None:
 
 
 def build_training_args(recipe: Recipe):
-    cls = trainer_args_class(recipe.args.task)
+    cls = trainer_args_class(recipe.args.task, recipe.to_dict())
     kwargs = dict(recipe.trainer)
     for k, v in get_task(recipe.args.task).training_kwargs(recipe.args).items():
         kwargs.setdefault(k, v)
