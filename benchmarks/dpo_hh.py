@@ -110,15 +110,24 @@ def main() -> int:
     if args.speed_row:
         print("SPEED " + json.dumps(speed_row(args.speed_row, args.speed_pairs)), flush=True)
         return 0
-    from cls_tweets import machine
-
     caps = dict(kv.split("=") for kv in args.max_train.split(","))
-    rows = [method_row(m, None if caps.get(m, caps.get("other")) == "all" else int(caps.get(m, caps.get("other"))), args.max_eval)
-            for m in args.methods.split(",") if m]
+    rows = []
+    # speed rows first, then the methods in the order given: each row is written as it finishes
     for which in ("lora_ft", "trl") if args.speed_pairs else ():
         out = subprocess.run([sys.executable, __file__, "--speed_row", which, "--speed_pairs", str(args.speed_pairs)], cwd=ROOT,
                              check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
         rows.append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("SPEED "))[6:]))
+        write(rows, args)
+    for m in filter(None, args.methods.split(",")):
+        cap = caps.get(m, caps.get("other"))
+        rows.append(method_row(m, None if cap == "all" else int(cap), args.max_eval))
+        write(rows, args)
+    return 0
+
+
+def write(rows: list, args) -> None:
+    from cls_tweets import machine
+
     speed = {r["row"]: r for r in rows if r["row"].startswith("speed/")}
     ratio = (round(speed["speed/lora_ft"]["tokens_per_s"] / speed["speed/trl"]["tokens_per_s"], 2)
              if len(speed) == 2 else None)
@@ -141,8 +150,7 @@ def main() -> int:
         md += [f"| {r['row']} | {r['seconds']} | {r['examples_per_s']} | {r['tokens_per_s']} | {r['peak_rss_mb']} | {r['loadavg_1min']:.2f} |"
                for r in speed.values()]
     RESULTS.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    print("\n".join(md), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..cpu import lm_head as cpu_lm_head
 from ..data import apply_column_map, load_eval_split, load_task_splits, split_off_eval, take
 from ..errors import DataError
 from ..trainers import lora_ft_trainer
@@ -363,6 +364,11 @@ def build_trainer(model, tok, training_args, data: PreparedData, callbacks):
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tok,
         callbacks=list(callbacks) + [_drop_reference_copy()])
     peft_model = trainer.model
+    if data.method in ("dpo", "ipo", "kto") and not getattr(training_args, "use_weighting", False):
+        # trl's CPU fallback scores every position (prompt and padding too) in fp32: measured 14.9 GB peak and most
+        # of each step on SmolLM2 8 x 2 x 512; lora_ft's CPU head scores the completion tokens only (WPO weighting
+        # needs a field it does not compute: trl's path then)
+        cpu_lm_head.install(peft_model)
     if "ref" in getattr(peft_model, "peft_config", {}):
         if data.fresh_adapter:  # the adapter starts as the identity: disabling it gives the reference, no copy held
             peft_model.delete_adapter("ref")
