@@ -50,7 +50,7 @@ def _tiny_lora_lm():
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg)
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer does
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))  # what DPOTrainer does
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     return model
 
@@ -82,6 +82,7 @@ def test_installed_head_matches_trl_fused_head(autocast):
     torch.testing.assert_close(ours.loss, trl_out.loss, **tol)
     torch.testing.assert_close(ours.log_probs, trl_out.log_probs, **tol)
     torch.testing.assert_close(ours.entropy, trl_out.entropy, **tol)
+    torch.testing.assert_close(ours.mean_logits, trl_out.mean_logits, **tol)
     if not autocast:
         assert torch.equal(ours.is_top1, trl_out.is_top1)
     assert our_grads.keys() == trl_grads.keys()

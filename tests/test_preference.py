@@ -241,3 +241,12 @@ def test_doctor_plan_and_eval_know_the_task(tmp_path, llama_models, chat_pairs, 
     assert main(["eval", str(dpo_run)]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["eval_samples"] == 4 and 0 <= ev["eval_reward_accuracy"] <= 1
+
+
+def test_push_card_names_method_beta_data_and_reward_accuracy(dpo_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    out = tmp_path / "staged"
+    assert main(["push", str(dpo_run), "--repo-id", "me/dpo", "--base-model", "me/tiny-llama", "--dry-run", "--output", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "Preference tuning:** dpo (trl DPOTrainer), beta 0.1" in card and "reward_accuracy" in card
+    assert "Dataset:" in card and not (out / "ref").exists()
