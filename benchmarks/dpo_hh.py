@@ -105,22 +105,25 @@ def main() -> int:
     ap.add_argument("--max_train", default="dpo=all,other=400", help="train pairs per method: all, or a cap")
     ap.add_argument("--max_eval", type=int, default=None, help="cap on test pairs (default: all 300)")
     ap.add_argument("--speed_pairs", type=int, default=128, help="pairs of the lora_ft vs trl speed rows (0: skip)")
+    ap.add_argument("--append", action="store_true", help="keep the rows of the last results file (a row run again replaces its own)")
     ap.add_argument("--speed_row", help=argparse.SUPPRESS)  # internal: one speed row in a fresh process
     args = ap.parse_args()
     if args.speed_row:
         print("SPEED " + json.dumps(speed_row(args.speed_row, args.speed_pairs)), flush=True)
         return 0
     caps = dict(kv.split("=") for kv in args.max_train.split(","))
-    rows = []
+    path = RESULTS.with_suffix(".json")
+    rows = json.loads(path.read_text())["rows"] if args.append and path.is_file() else []
+    keep = lambda name: [r for r in rows if r["row"] != name]  # noqa: E731
     # speed rows first, then the methods in the order given: each row is written as it finishes
     for which in ("lora_ft", "trl") if args.speed_pairs else ():
         out = subprocess.run([sys.executable, __file__, "--speed_row", which, "--speed_pairs", str(args.speed_pairs)], cwd=ROOT,
                              check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
-        rows.append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("SPEED "))[6:]))
+        rows = keep(f"speed/{which}") + [json.loads(next(ln for ln in out.splitlines() if ln.startswith("SPEED "))[6:])]
         write(rows, args)
     for m in filter(None, args.methods.split(",")):
         cap = caps.get(m, caps.get("other"))
-        rows.append(method_row(m, None if cap == "all" else int(cap), args.max_eval))
+        rows = keep(m) + [method_row(m, None if cap == "all" else int(cap), args.max_eval)]
         write(rows, args)
     return 0
 
@@ -137,15 +140,16 @@ def write(rows: list, args) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.with_suffix(".json").write_text(json.dumps(result, indent=2))
     md = [f"# Preference tuning, SmolLM2-135M-Instruct on HH-RLHF harmless ({result['date']})", "",
-          f"CPU: {result['machine']['cpu_model']}, {result['machine']['nproc']} cores. Command: `python benchmarks/dpo_hh.py "
-          f"--methods {args.methods} --max_train {args.max_train} --speed_pairs {args.speed_pairs}`", "",
+          f"CPU: {result['machine']['cpu_model']}, {result['machine']['nproc']} cores. Each row's command is in the JSON "
+          "(`train pairs` below: the cap of that row; `load`: 1-minute load average when it started).", "",
           "| method | train pairs | beta | eval reward acc | reward margin | logp acc (before -> after) | train s | tokens/s | peak MB | load |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['row']} | {r['train_pairs']} | {r['beta']} | {r['eval_reward_accuracy']:.3f} | {r['eval_reward_margin']:.3f} | "
            f"{r['eval_logp_accuracy_before']:.3f} -> {r['eval_logp_accuracy']:.3f} | {r['train_runtime_s']} | "
            f"{r['train_tokens_per_second']} | {r['peak_memory_mb']} | {r['loadavg_1min_start']:.2f} |" for r in rows if "train_pairs" in r]
     if speed:
-        md += ["", f"Speed, the same {args.speed_pairs} pairs, one epoch, batch 8 (lora_ft / trl DPOTrainer defaults = {ratio}x):", "",
+        n = next(iter(speed.values()))["pairs"]
+        md += ["", f"Speed, the same {n} pairs, one epoch, batch 8 (lora_ft / trl DPOTrainer defaults = {ratio}x):", "",
                "| row | seconds | pairs/s | tokens/s | peak RSS MB | load |", "|---|---|---|---|---|---|"]
         md += [f"| {r['row']} | {r['seconds']} | {r['examples_per_s']} | {r['tokens_per_s']} | {r['peak_rss_mb']} | {r['loadavg_1min']:.2f} |"
                for r in speed.values()]
