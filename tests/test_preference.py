@@ -187,7 +187,8 @@ def test_reference_is_the_disabled_adapter_not_a_second_model(tmp_path, llama_mo
     assert seen == {"ref_model": None, "adapters": ["default"]}
 
 
-@pytest.mark.parametrize("method, keys", [("ipo", {}), ("orpo", {}), ("simpo", {"beta": 2.0}), ("kto", {})])
+@pytest.mark.parametrize("method, keys", [("ipo", {}), ("orpo", {}), ("simpo", {"beta": 2.0}), ("kto", {}),
+                                         ("dpo", {"precompute_ref_log_probs": True, "rpo_alpha": 0.5})])
 def test_each_method_trains(tmp_path, llama_models, chat_pairs, method, keys):
     run = train_run(tmp_path, method, llama_models[1], chat_pairs, preference_method=method, max_steps=2, **keys)
     m = _metrics(run)

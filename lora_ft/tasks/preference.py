@@ -74,7 +74,6 @@ METHODS = {
 DEFAULT_METHOD = "dpo"
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is beta x mean token log-prob, no reference model
 FORMATS = ("auto", "preference", "implicit-preference", "unpaired")
-PAIRED = ("preference", "implicit-preference")
 
 
 def method_of(raw) -> str:
