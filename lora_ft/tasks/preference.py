@@ -32,7 +32,7 @@ from ..data import apply_column_map, load_eval_split, load_task_splits, split_of
 from ..errors import DataError
 from ..trainers import lora_ft_trainer
 from . import causal_lm
-from .base import PREFERENCE_KEYS, TOKEN_KEYS, only_for
+from .base import TOKEN_KEYS, only_for
 
 NAME = "preference"
 AUTO_CLASS = causal_lm.AUTO_CLASS
