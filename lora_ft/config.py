@@ -20,7 +20,7 @@ import yaml
 
 from .errors import RecipeError
 from .recipe_checks import ineffective_keys, settle_strategies, value_problems
-from .tasks import DEFAULT_TASK, TASKS, trainer_kind
+from .tasks import DEFAULT_TASK, TASKS, key_problem, trainer_defaults, trainer_kind
 RECIPE_FILE = "lora_ft_recipe.yaml"
 
 
@@ -70,6 +70,11 @@ class LoraFtArguments:
     target_column: Optional[str] = _f(None, "seq2seq target column; SQuAD-style `answers` works directly")
     max_target_length: int = _f(64, "seq2seq target tokens")
     generation_max_new_tokens: int = _f(64, "tokens generated at eval for seq2seq and logged samples")
+    # --- preference (issue 20); the trl keys (beta, loss_type, ...) are the chosen method's trl config's
+    preference_method: str = _f("dpo", "preference: dpo, ipo, orpo, simpo or kto (trl's trainers)")
+    max_prompt_length: Optional[int] = _f(None, "preference: pairs whose rendered prompt is longer are dropped (counted)")
+    max_completion_length: Optional[int] = _f(None, "preference: pairs with a longer completion are dropped (counted)")
+    rpo_alpha: Optional[float] = _f(None, "preference dpo/ipo: weight of an SFT loss on chosen (RPO); trl 1.16: loss_type + [sft]")
     # --- peft
     use_peft: bool = _f(True, "train LoRA adapters; false trains all weights (for comparison)")
     lora_r: int = _f(16, "LoRA rank")
@@ -124,15 +129,15 @@ OUR_FIELDS = {f.name: f for f in dataclasses.fields(LoraFtArguments)}
 OUR_TYPES = typing.get_type_hints(LoraFtArguments)
 
 
-def trainer_args_class(task: str):
-    """The trainer-arguments class whose fields a recipe for `task` may also set (imports transformers)."""
+def trainer_args_class(task: str, raw: Optional[dict] = None):
+    """The trainer-arguments class whose fields a recipe for `task` (keys `raw`) may also set (imports transformers)."""
     from .trainer_keys import import_class
 
-    return import_class(trainer_kind(task))
+    return import_class(trainer_kind(task, raw))
 
 
 # Keys that exist in the trainer class too but lora_ft owns: ours wins, and we pass it on where it applies.
-SHARED_KEYS = {"max_length", "trust_remote_code"}
+SHARED_KEYS = {"max_length", "trust_remote_code", "max_completion_length"}
 
 
 @dataclass
@@ -232,7 +237,7 @@ def resolve(raw: dict[str, Any], source: Optional[str] = None, *, check_trainer:
     if task not in TASKS:
         problems.append(f"task: '{task}' is not one of {', '.join(TASKS)}")
         task = DEFAULT_TASK
-    trainer_fields = _trainer_fields(task) if check_trainer else {}
+    trainer_fields = _trainer_fields(task, raw) if check_trainer else {}
     for key, value in raw.items():
         if not isinstance(key, str):
             problems.append(f"key {key!r}: recipe keys must be strings")
@@ -249,12 +254,17 @@ def resolve(raw: dict[str, Any], source: Optional[str] = None, *, check_trainer:
             else:
                 problems.append(f"{key}: {why}")
         else:
+            other = key_problem(task, key, raw) if check_trainer else None
+            if other:
+                problems.append(other)
+                continue
             known = list(OUR_FIELDS) + list(trainer_fields)
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
             hint = f"; did you mean '{close[0]}'?" if close else "; see `lora-ft train --help-keys`"
             problems.append(f"{key}: unknown recipe key{hint}")
     args = LoraFtArguments(**ours)
-    trainer = {**{k: v for k, v in TRAINER_DEFAULTS.items() if k in trainer_fields or not check_trainer}, **theirs}
+    defaults = {**TRAINER_DEFAULTS, **trainer_defaults(task, raw)}
+    trainer = {**{k: v for k, v in defaults.items() if k in trainer_fields or not check_trainer}, **theirs}
     if "output_dir" not in trainer:
         stem = Path(source).stem if source else "run"
         trainer["output_dir"] = str(Path("runs") / stem)
@@ -272,10 +282,10 @@ def resolve(raw: dict[str, Any], source: Optional[str] = None, *, check_trainer:
     return Recipe(args=args, trainer=trainer, source=source, notes=notes)
 
 
-def _trainer_fields(task: str) -> dict[str, Any]:
+def _trainer_fields(task: str, raw: Optional[dict] = None) -> dict[str, Any]:
     from .trainer_keys import trainer_fields  # a snapshot: no transformers import, so mistakes are reported in ~1 s
 
-    return {k: tp for k, tp in trainer_fields(trainer_kind(task)).items() if k not in SHARED_KEYS}
+    return {k: tp for k, tp in trainer_fields(trainer_kind(task, raw)).items() if k not in SHARED_KEYS}
 
 
 # ---------------------------------------------------------------- types

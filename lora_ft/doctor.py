@@ -170,8 +170,7 @@ def data_checks(recipe, tok, task) -> tuple[list[Check], object]:
 
 
 def sft_label_checks(tok, data, recipe) -> list[Check]:
-    from .inference import end_of_turn_id, render_prompt
-    from .tasks.causal_lm import encode_chat
+    from .inference import end_of_turn_id
 
     a = recipe.args
     stops = {t for t in (tok.eos_token_id, end_of_turn_id(tok) if a.use_chat_template else None) if t is not None}
@@ -183,21 +182,29 @@ def sft_label_checks(tok, data, recipe) -> list[Check]:
                  + ("; generation will not stop: check eos_token / chat template" if missing == len(rows) else
                     "; the others were cut by max_length" if missing else ""))]
     if a.use_chat_template:
-        msgs = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A banana."}]
-        trained = encode_chat(tok, msgs, a.max_length)
-        with tempfile.TemporaryDirectory() as d:  # what the run dir will hold, read back as serving reads it
-            tok.save_pretrained(d)
-            from transformers import AutoTokenizer
-
-            served = AutoTokenizer.from_pretrained(d)
-        prompt = render_prompt(served, msgs[0]["content"], chat=True)
-        same = served.chat_template == tok.chat_template and trained["input_ids"][: len(prompt)] == prompt
-        masked = set(trained["labels"][: len(prompt)]) == {-100}
-        out.append(Check("chat template", PASS if same and masked else FAIL,
-                         "saved template renders prompts exactly as training did; prompt tokens masked" if same and masked else
-                         "the saved template renders prompts differently from training (or trains on the prompt); "
-                         "set chat_template in the recipe"))
+        out.append(chat_template_check(tok, a))
     return out
+
+
+def chat_template_check(tok, a) -> Check:
+    """The template saved with the run renders a prompt exactly as training encoded it, prompt tokens untrained."""
+    from .inference import render_prompt
+    from .tasks.causal_lm import encode_chat
+
+    msgs = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "A banana."}]
+    trained = encode_chat(tok, msgs, a.max_length)
+    with tempfile.TemporaryDirectory() as d:  # what the run dir will hold, read back as serving reads it
+        tok.save_pretrained(d)
+        from transformers import AutoTokenizer
+
+        served = AutoTokenizer.from_pretrained(d)
+    prompt = render_prompt(served, msgs[0]["content"], chat=True)
+    same = served.chat_template == tok.chat_template and trained["input_ids"][: len(prompt)] == prompt
+    masked = set(trained["labels"][: len(prompt)]) == {-100}
+    return Check("chat template", PASS if same and masked else FAIL,
+                 "saved template renders prompts exactly as training did; prompt tokens masked" if same and masked else
+                 "the saved template renders prompts differently from training (or trains on the prompt); "
+                 "set chat_template in the recipe")
 
 
 def run_doctor(recipe, engine: Optional[str] = None) -> list[Check]:

@@ -71,7 +71,8 @@ def weight_bytes(args) -> int:
 
 
 def head_kind(task: str) -> str:
-    """How a task's training computes logits: none (a classifier head), chunked (causal LM) or full (seq2seq)."""
+    """How a task's training computes logits: none (a classifier head), chunked (causal LM), full (seq2seq) or
+    paired-reference (preference: two chunked sequences per example and a reference pass)."""
     from .tasks import get_task
 
     return get_task(task).MEMORY_HEAD
@@ -83,6 +84,12 @@ def _logit_bytes(kind: str, tokens: int, vocab: int, cuda: bool) -> float:
     if kind == "full":
         return tokens * vocab * 8
     return min(tokens, 4096) * min(vocab, 32768) * 4 if cuda else min(tokens, 1024) * vocab * 8
+
+
+# Preference training ("paired-reference"): each example is two sequences (chosen, rejected) through the policy, then
+# through the reference (the same weights, adapter off) without gradients. That pass holds one layer's temporaries
+# at a time (~8 x tokens x hidden 16-bit values) and one logits tile, freed before the policy's backward.
+PAIRED_KINDS = ("paired-reference",)
 
 
 def estimate(config, *, batch_size: int, seq_len: int, mode: str = "lora", lora_r: int = 16, dtype_bytes: int = 2,
@@ -99,11 +106,13 @@ def estimate(config, *, batch_size: int, seq_len: int, mode: str = "lora", lora_
     # all-linear LoRA: q,k,v,o (4 x hidden in/out) + gate/up/down (hidden <-> inter), A and B of rank r each
     lora = layers * lora_r * (4 * 2 * hidden + 3 * (hidden + inter))
     trainable = total if mode == "full" else lora
-    tokens = batch_size * seq_len
+    tokens = batch_size * seq_len * (2 if lm_head in PAIRED_KINDS else 1)
     acts = 34 * tokens * hidden * layers * act_bytes / 2
     if gradient_checkpointing:
         acts /= max(layers**0.5, 1)
-    logits = _logit_bytes(lm_head, tokens, vocab, cuda)
+    logits = _logit_bytes("chunked" if lm_head in PAIRED_KINDS else lm_head, tokens, vocab, cuda)
+    if lm_head in PAIRED_KINDS:  # the reference pass, transient but counted at the peak it reaches beside the acts
+        logits += 8 * tokens * hidden * act_bytes
     gb = 2**30
     state_bytes = 12 if (mode != "full" or dtype_bytes == 4) else 16  # LoRA params are fp32; full FT in 16-bit keeps a master copy
     runtime = 0.0 if cuda else CPU_RUNTIME_GB

@@ -35,6 +35,31 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> bool:
     return True
 
 
+def plot_preference_curves(log_history: list[dict], path: Path) -> bool:
+    """Loss, implicit-reward accuracy and margin over steps, train and eval, as trl's preference trainers log them."""
+    panels = [("loss", "loss", "eval_loss"), ("reward accuracy", "rewards/accuracies", "eval_rewards/accuracies"),
+              ("reward margin", "rewards/margins", "eval_rewards/margins")]
+    series = [[[(h["step"], h[k]) for h in log_history if k in h and "step" in h] for k in keys] for _, *keys in panels]
+    if not any(s for pair in series for s in pair):
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (title, *_), (train, evals) in zip(axes, panels, series):
+        if train:
+            ax.plot(*zip(*train), label="train")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if train or evals:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_confusion_matrix(cm: dict, path: Path) -> None:
     plt = _plt()
     labels, matrix = cm["labels"], cm["matrix"]

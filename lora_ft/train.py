@@ -35,7 +35,7 @@ def resolve_hardware(recipe: Recipe) -> None:
 
 
 def build_training_args(recipe: Recipe):
-    cls = trainer_args_class(recipe.args.task)
+    cls = trainer_args_class(recipe.args.task, recipe.to_dict())
     kwargs = dict(recipe.trainer)
     for k, v in get_task(recipe.args.task).training_kwargs(recipe.args).items():
         kwargs.setdefault(k, v)
@@ -201,7 +201,8 @@ def _save_generation_config(model, run_dir: Path) -> None:
 
 RESUME_KEYS = ("task", "model_name_or_path", "dataset_name", "dataset_config", "train_split", "max_train_samples", "max_length",
                "lora_r", "lora_alpha", "lora_target_modules", "use_dora", "load_in_4bit", "load_in_8bit", "use_peft",
-               "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
+               "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed",
+               "preference_method", "beta", "loss_type")
 
 
 def resume_info(recipe: Recipe, data) -> dict:

@@ -1,7 +1,7 @@
 """The trainer-argument keys a recipe may set, known without importing transformers.
 
 Importing transformers (and through it torch) takes 5-13 s on a 2-core CPU, and a misspelled key should be reported
-long before that. So the field names and annotations of the three trainer-argument classes are kept in
+long before that. So the field names and annotations of the trainer-argument classes are kept in
 `trainer_keys.json`, written from the installed libraries by `python -m lora_ft.trainer_keys`. Where the installed
 transformers or trl is not the version the file was written from, the fields are read from the classes themselves
 (slower, always right); `tests/test_config.py` fails when the file and the pinned libraries disagree.
@@ -24,15 +24,23 @@ CLASSES = {
     "training": "transformers:TrainingArguments",
     "seq2seq_training": "transformers:Seq2SeqTrainingArguments",
     "sft": "trl:SFTConfig",
+    # preference tuning: one kind per trl trainer (trl 1.16 keeps ORPO and CPO under trl.experimental)
+    "dpo": "trl:DPOConfig",
+    "orpo": "trl.experimental.orpo:ORPOConfig",
+    "cpo": "trl.experimental.cpo:CPOConfig",
+    "kto": "trl:KTOConfig",
 }
 LIBRARIES = ("transformers", "trl")
 
 
 def import_class(kind: str):
     import importlib
+    import warnings
 
     module, name = CLASSES[kind].split(":")
-    return getattr(importlib.import_module(module), name)
+    with warnings.catch_warnings():  # trl.experimental warns at import that its API may change: trl is pinned
+        warnings.simplefilter("ignore")
+        return getattr(importlib.import_module(module), name)
 
 
 @functools.lru_cache(maxsize=None)

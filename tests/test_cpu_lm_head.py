@@ -20,8 +20,10 @@ def test_score_tokens_matches_log_softmax_and_its_gradients(with_bias):
     weight = torch.randn(50, 16, requires_grad=True)
     bias = torch.randn(50, requires_grad=True) if with_bias else None
     targets = torch.randint(0, 50, (11,))
-    lp, ent, top1 = cpu_lm_head.score_tokens(hidden, weight, bias, targets, chunk=4)  # 3 chunks, the last short
+    lp, ent, top1, mean = cpu_lm_head.score_tokens(hidden, weight, bias, targets, chunk=4)  # 3 chunks, the last short
     rlp, rent, rtop1 = _reference(hidden, weight, bias, targets)
+    z = hidden @ weight.t() + (bias if with_bias else 0)
+    torch.testing.assert_close(mean, z.mean(-1).detach(), atol=1e-5, rtol=1e-5)  # trl's DPO logs it
     torch.testing.assert_close(lp, rlp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ent, rent.detach(), atol=1e-5, rtol=1e-5)
     assert torch.equal(top1, rtop1)
@@ -35,7 +37,7 @@ def test_score_tokens_matches_log_softmax_and_its_gradients(with_bias):
 
 def test_no_labelled_token_gives_a_differentiable_zero():
     hidden = torch.randn(0, 8, requires_grad=True)
-    lp, _, _ = cpu_lm_head.score_tokens(hidden, torch.randn(20, 8), None, torch.zeros(0, dtype=torch.long))
+    lp, _, _, _ = cpu_lm_head.score_tokens(hidden, torch.randn(20, 8), None, torch.zeros(0, dtype=torch.long))
     assert lp.shape == (0,) and lp.requires_grad
 
 
@@ -48,7 +50,7 @@ def _tiny_lora_lm():
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg)
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer does
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))  # what DPOTrainer does
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     return model
 
@@ -80,6 +82,7 @@ def test_installed_head_matches_trl_fused_head(autocast):
     torch.testing.assert_close(ours.loss, trl_out.loss, **tol)
     torch.testing.assert_close(ours.log_probs, trl_out.log_probs, **tol)
     torch.testing.assert_close(ours.entropy, trl_out.entropy, **tol)
+    torch.testing.assert_close(ours.mean_logits, trl_out.mean_logits, **tol)
     if not autocast:
         assert torch.equal(ours.is_top1, trl_out.is_top1)
     assert our_grads.keys() == trl_grads.keys()

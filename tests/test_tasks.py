@@ -14,7 +14,7 @@ from lora_ft import config
 from lora_ft.tasks import TASKS, get_task
 from lora_ft.tasks.base import PROTOCOL, missing_members
 
-TASK_LITERAL = re.compile(r'"(sequence-classification|causal-lm|seq2seq|token-classification)"')
+TASK_LITERAL = re.compile(r'"(sequence-classification|causal-lm|seq2seq|token-classification|preference)"')
 
 
 @pytest.mark.parametrize("name", TASKS)

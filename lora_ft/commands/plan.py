@@ -21,7 +21,8 @@ def run(args, overrides: list[str]) -> int:
 
     from ..config import load_recipe
     from ..errors import RecipeError
-    from ..memory import device_memory_gb, recipe_mode
+    from ..memory import device_memory_gb, head_kind, recipe_mode
+    from ..tasks import get_task
     from ..modeling import resolve_model_path
     from ..planner import parse_size, propose, settings_for
     from .train import split_recipe
@@ -38,7 +39,8 @@ def run(args, overrides: list[str]) -> int:
     mode = recipe_mode(a)
     best = propose(settings, budget, mode)
     if args.json:
-        print(json.dumps({"budget_gb": round(budget, 2), "budget_source": where, "rows": [
+        print(json.dumps({"budget_gb": round(budget, 2), "budget_source": where, "task": a.task,
+                          "training_pass": head_kind(a.task), "rows": [
             {"mode": s.mode, "batch": s.batch, "accumulation": s.accumulation, "gradient_checkpointing": s.checkpointing,
              "params": s.est.total_params, "trainable_params": s.est.trainable_params, "weights_gb": round(s.est.weights_gb, 6),
              "trainable_state_gb": round(s.est.trainable_gb, 6), "activations_gb": round(s.est.activations_gb, 6),
@@ -46,6 +48,10 @@ def run(args, overrides: list[str]) -> int:
             "proposal": best.overrides() if best else None}, indent=2))
         return 0 if best else 1
     print(f"{a.model_name_or_path}: {settings[0].est.total_params / 1e6:.0f}M parameters, max_length {a.max_length}; budget {budget:.1f} GiB ({where})")
+    task = get_task(a.task)
+    # what the task trains and how the estimate counts it (a preference method: two sequences and a reference pass)
+    print(f"task {a.task}, training pass: {head_kind(a.task)}" + "".join(
+        "; " + line.lstrip("- ").replace("**", "") for line in task.card_lines(recipe.to_dict())))
     print(f"{'mode':7s} {'batch x accum':>13s} {'ckpt':>5s} {'weights':>8s} {'train st':>8s} {'activ':>8s} {'total GiB':>9s}  fits")
     for s in settings:
         if s.batch == settings[0].batch or s is best:

@@ -31,7 +31,8 @@ def _make_function():
     import torch
 
     class ChunkLogProb(torch.autograd.Function):
-        """log p(target), entropy and is-top-1 for one chunk of tokens; logits are recomputed in backward."""
+        """log p(target), entropy, is-top-1 and the mean logit (trl's DPO logs it) for one chunk of tokens; logits are
+        recomputed in backward."""
 
         @staticmethod
         def forward(ctx, hidden, weight, bias, targets, dtype):
@@ -42,13 +43,14 @@ def _make_function():
                 p = torch.exp(logits - lse.unsqueeze(-1))
                 entropy = lse - (p * logits).sum(-1)
                 is_top1 = logits.argmax(-1) == targets  # argmax takes the first maximum, like trl's metric
+                mean_logits = logits.mean(-1)
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
             ctx.dtype = dtype
-            ctx.mark_non_differentiable(entropy, is_top1)
-            return target_logit - lse, entropy, is_top1
+            ctx.mark_non_differentiable(entropy, is_top1, mean_logits)
+            return target_logit - lse, entropy, is_top1, mean_logits
 
         @staticmethod
-        def backward(ctx, grad_lp, _grad_entropy, _grad_top1):
+        def backward(ctx, grad_lp, _grad_entropy, _grad_top1, _grad_mean):
             hidden, weight, bias, targets, lse = ctx.saved_tensors
             dtype = ctx.dtype
             with torch.no_grad():
@@ -77,14 +79,15 @@ def _function():
 
 
 def score_tokens(hidden, weight, bias, targets, chunk: int = TOKEN_CHUNK):
-    """Per-token (log_prob, entropy, is_top1) of `targets` under softmax(hidden @ weight.T + bias), chunk by chunk."""
+    """Per-token (log_prob, entropy, is_top1, mean_logit) of `targets` under softmax(hidden @ weight.T + bias), chunk by
+    chunk."""
     import torch
 
     fn, dtype = _function(), _compute_dtype(hidden)
     parts = [fn.apply(hidden[s:s + chunk], weight, bias, targets[s:s + chunk], dtype) for s in range(0, hidden.shape[0], chunk)]
     if not parts:
         empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph connected
-        return empty, empty.detach(), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+        return empty, empty.detach(), torch.zeros(0, dtype=torch.bool, device=hidden.device), empty.detach()
     return tuple(torch.cat(x) for x in zip(*parts))
 
 
@@ -102,7 +105,7 @@ def _relies_on():
     from trl.trainer import utils
 
     fields = {f.name for f in dataclasses.fields(utils.FusedCausalLMOutput)}
-    need = {"loss", "log_probs", "entropy", "is_top1", "label_mask"}
+    need = {"loss", "log_probs", "entropy", "is_top1", "mean_logits", "label_mask"}
     return None if need <= fields else f"trl's FusedCausalLMOutput has no {', '.join(sorted(need - fields))}"
 
 
@@ -139,9 +142,10 @@ def install(model) -> bool:
         labels = labels[:, 1:]
         mask = labels != -100
         scored = score_tokens(hidden[mask], head.weight, head.bias, labels[mask])
-        log_probs, entropy, is_top1 = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in scored)  # 0 where unlabelled
+        log_probs, entropy, is_top1, mean_logits = (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in scored)  # 0 where unlabelled
         loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, mean_logits=mean_logits,
+                                   label_mask=mask)
 
     base.forward = types.MethodType(forward, base)
     return True

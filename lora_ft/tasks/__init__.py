@@ -8,7 +8,7 @@ the compress metric; the serving routes and the architectures a plain model fold
 model's head kind and the doctor's head checks.
 
 Adding a task takes one module and one line below: its name, its module and its trainer-arguments kind
-(a key of `lora_ft.trainer_keys.CLASSES`). Names only: modules are imported when first asked for, so
+(a key of `lora_ft.trainer_keys.CLASSES`, or None when the module picks one per recipe: see `trainer_kind`). Names only: modules are imported when first asked for, so
 `lora_ft.config` can read `TASKS` without torch.
 """
 
@@ -22,13 +22,26 @@ _REGISTRY = {  # task name: (module, trainer-arguments kind)
     "causal-lm": ("lora_ft.tasks.causal_lm", "sft"),
     "seq2seq": ("lora_ft.tasks.seq2seq", "seq2seq_training"),
     "token-classification": ("lora_ft.tasks.token_classification", "training"),
+    "preference": ("lora_ft.tasks.preference", None),  # None: the module's trainer_kind(raw) picks it by method
 }
 TASKS = tuple(_REGISTRY)
 DEFAULT_TASK = TASKS[0]
 
 
-def trainer_kind(name: str) -> str:
-    return _REGISTRY[name][1]
+def trainer_kind(name: str, raw: dict | None = None) -> str:
+    """The trainer-arguments kind of a recipe (`raw`: its keys). A task registered with None chooses one per recipe
+    through its module's `trainer_kind(raw)`, and may then also define `trainer_defaults(raw)` (trainer defaults that
+    differ from lora_ft's) and `key_problem(key, raw)` (a message for a key another of its kinds takes)."""
+    kind = _REGISTRY[name][1]
+    return kind if kind is not None else get_task(name).trainer_kind(raw or {})
+
+
+def trainer_defaults(name: str, raw: dict) -> dict:
+    return get_task(name).trainer_defaults(raw) if _REGISTRY[name][1] is None else {}
+
+
+def key_problem(name: str, key: str, raw: dict):
+    return get_task(name).key_problem(key, raw) if _REGISTRY[name][1] is None else None
 
 
 def get_task(name: str):

@@ -55,7 +55,8 @@ class TaskModule(Protocol):
     COMPRESS_METRIC: str
     SERVE_ROUTES: tuple  # the HTTP routes that serve this task
     ARCHITECTURES: tuple  # endings of config.json `architectures` names: a plain HF folder is served as this task
-    MEMORY_HEAD: str  # memory model: "none" (small head), "chunked" (causal LM), "full" (full-vocabulary logits)
+    MEMORY_HEAD: str  # memory model: "none" (small head), "chunked" (causal LM), "full" (full-vocabulary logits),
+    #   "paired-reference" (two sequences per example and a no-grad reference pass)
 
 
 PROTOCOL = tuple(TaskModule.__annotations__)
@@ -74,11 +75,14 @@ TEXT_CLASSIFICATION_KEYS = ("clean_lowercase", "clean_urls", "clean_mentions", "
 
 # Token-classification keys: set away from their defaults in another task's recipe, they would do nothing.
 TOKEN_KEYS = ("tokens_column", "tags_column", "tag_scheme", "label_all_tokens")
+# Preference keys lora_ft owns (trl 1.16's configs dropped them or name them per trainer): the same rule.
+PREFERENCE_KEYS = ("preference_method", "max_prompt_length", "max_completion_length", "rpo_alpha")
+_OWNER = {**{k: "token-classification" for k in TOKEN_KEYS}, **{k: "preference" for k in PREFERENCE_KEYS}}
 
 
 def only_for(task_name: str, args, keys=TEXT_CLASSIFICATION_KEYS, also=()) -> list[str]:
     """Keys of `keys` (plus augment, head_init: label_words) set in a recipe whose task does not use them; `also`:
-    keys that count as set when they differ from their default."""
+    keys that count as set when they differ from their default (the preference keys always count)."""
     import dataclasses
 
     if keys:
@@ -89,9 +93,10 @@ def only_for(task_name: str, args, keys=TEXT_CLASSIFICATION_KEYS, also=()) -> li
     else:
         p = []
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
-    changed = [k for k in also if getattr(args, k) != defaults[k]]
-    if changed:
-        p.append(f"{', '.join(changed)}: apply to task: token-classification only")
+    also = tuple(also) + PREFERENCE_KEYS  # every task refuses them but their own
+    changed = [k for k in dict.fromkeys(also) if getattr(args, k) != defaults[k] and _OWNER[k] != args.task]
+    for owner in dict.fromkeys(_OWNER[k] for k in changed):
+        p.append(f"{', '.join(k for k in changed if _OWNER[k] == owner)}: apply to task: {owner} only")
     return p
 
 
