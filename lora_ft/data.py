@@ -212,6 +212,13 @@ def mixture_problems(mix) -> list[str]:
     return out
 
 
+def load_task_train(a, seed: int, where: str):
+    """The prologue every task's prepare_data shares: (train with the recipe's column_map applied, eval_or_None,
+    notes); `where` names the train rows in column_map errors."""
+    train, eval_ds, note = load_task_splits(a, seed)
+    return apply_column_map(train, a.column_map, where), eval_ds, [note] if note else []
+
+
 def load_task_splits(a, seed: int):
     """(train, eval_or_None, note) for a recipe: its dataset_name, or a seeded mixture of several sources whose
     eval split (if any) comes from dataset_name."""

@@ -12,7 +12,7 @@ from ..data import (
     apply_column_map,
     check_columns,
     load_eval_split,
-    load_task_splits,
+    load_task_train,
     split_off_eval,
     take,
 )
@@ -129,9 +129,7 @@ def encode_labels(ds, label_column: str, names: list[str], where: str):
 def prepare_data(recipe, tokenizer) -> PreparedData:
     a = recipe.args
     seed = recipe.trainer.get("seed", 42)
-    train, eval_ds, note = load_task_splits(a, seed)
-    notes = [note] if note else []
-    train = apply_column_map(train, a.column_map, f"{a.dataset_name} [{a.train_split}]")
+    train, eval_ds, notes = load_task_train(a, seed, f"{a.dataset_name} [{a.train_split}]")
     cols = {"text_column": a.text_column, "text_pair_column": a.text_pair_column, "label_column": a.label_column}
     check_columns(train, cols, f"{a.dataset_name} [{a.train_split}]")
     used = [c for c in (a.text_column, a.text_pair_column, a.label_column) if c]

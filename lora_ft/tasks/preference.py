@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..cpu import lm_head as cpu_lm_head
-from ..data import apply_column_map, load_eval_split, load_task_splits, split_off_eval, take
+from ..data import apply_column_map, load_eval_split, load_task_train, split_off_eval, take
 from ..errors import DataError
 from ..trainers import lora_ft_trainer
 from . import causal_lm
@@ -274,9 +274,7 @@ def prepare_data(recipe, tok) -> PreparedData:
 
     a = recipe.args
     seed = recipe.trainer.get("seed", 42)
-    train, eval_ds, note = load_task_splits(a, seed)
-    notes = [note] if note else []
-    train = apply_column_map(train, a.column_map, "train")
+    train, eval_ds, notes = load_task_train(a, seed, "train")
     fmt = detect_format(train.column_names, a.dataset_format)
     _require(train, fmt, "train")
     if fmt == "unpaired" and a.preference_method != "kto":

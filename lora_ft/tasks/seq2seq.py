@@ -16,7 +16,7 @@ from ..data import (
     apply_column_map,
     check_columns,
     load_eval_split,
-    load_task_splits,
+    load_task_train,
     split_off_eval,
     take,
 )
@@ -151,9 +151,7 @@ def prepare_data(recipe, tok) -> PreparedData:
     if not a.target_column:
         raise DataError("target_column: required for task seq2seq (e.g. answers for SQuAD)")
     seed = recipe.trainer.get("seed", 42)
-    train, eval_ds, note = load_task_splits(a, seed)
-    notes = [note] if note else []
-    train = apply_column_map(train, a.column_map, "train")
+    train, eval_ds, notes = load_task_train(a, seed, "train")
     _check(train, a, f"{a.dataset_name} [{a.train_split}]")
     train = _rows(train, a, "train", notes)
     if a.eval_split and eval_ds is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..data import CONLL_LINE, apply_column_map, check_columns, load_eval_split, load_task_splits, split_off_eval, take
+from ..data import CONLL_LINE, apply_column_map, check_columns, load_eval_split, load_task_train, split_off_eval, take
 from ..errors import DataError
 from ..tags import SCHEMES, detect_scheme, join_words, label_order, spans, split_words, to_iob2
 from ..trainers import lora_ft_trainer, mean_loss
@@ -204,9 +204,7 @@ def _tokenize(words, tags, tok, a, index: dict, where: str, notes: list[str]):
 def prepare_data(recipe, tokenizer) -> PreparedData:
     a = recipe.args
     seed = recipe.trainer.get("seed", 42)
-    train, eval_ds, note = load_task_splits(a, seed)
-    notes = [note] if note else []
-    train = apply_column_map(train, a.column_map, f"{a.dataset_name} [{a.train_split}]")
+    train, eval_ds, notes = load_task_train(a, seed, f"{a.dataset_name} [{a.train_split}]")
     if a.eval_split and eval_ds is None:
         train, eval_ds = split_off_eval(train, a.eval_size, seed)
         notes.append(f"no '{a.eval_split}' split: held out {len(eval_ds)} train sentences (eval_size={a.eval_size}, seed={seed})")
