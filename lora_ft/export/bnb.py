@@ -8,11 +8,10 @@ and refuses only a folder that does not reload or loses the classifier head.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Optional
 
 from ..errors import LoraFtError
-from ..outputs import check_output, output_dir
+from ..outputs import output_dir
 from ..runs import write_json
 from ..trust import NONE, Trust
 
@@ -22,15 +21,11 @@ MIN_AGREEMENT = 0.5  # below this the 4-bit model is not the same model any more
 def export_bnb4(model_dir: str, output: str, inputs: Optional[list[str]] = None, overwrite: bool = False,
                 trust: Trust = NONE) -> dict:
     from ..compress import _nf4, _weights_mb
-    from .onnx import REPORT_FILE, SAMPLE_TEXTS
     from ..inference import load_run
+    from .onnx import REPORT_FILE, SAMPLE_TEXTS, load_merged
     from ..tasks import get_task
 
-    src = Path(model_dir)
-    if not (src / "config.json").is_file():
-        raise LoraFtError(f"export: {model_dir} is not a merged model folder (no config.json); run `lora-ft merge` first")
-    check_output(Path(output), REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output")
-    model, tok, recipe = load_run(src, trust)
+    src, model, tok, recipe = load_merged(model_dir, output, overwrite, trust)
     texts = inputs or SAMPLE_TEXTS
     with output_dir(output, REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output") as tmp:
         _nf4(src, recipe, tmp)

@@ -140,15 +140,21 @@ def _seq2seq(model, tok, tmp: Path, texts: list[str], max_new_tokens: int = 16) 
     return {"files": ["encoder.onnx", "decoder.onnx"], "greedy_token_agreement": same / len(texts), "max_abs_logit_diff": max(diffs)}
 
 
-def export_onnx(model_dir: str, output: str, inputs: Optional[list[str]] = None, overwrite: bool = False,
-                trust: Trust = NONE) -> dict:
+def load_merged(model_dir: str, output: str, overwrite: bool, trust: Trust):
+    """(folder, model, tokenizer, recipe) of the merged folder an export reads into a folder `output` with a
+    REPORT_FILE; the folder and the output are both checked before the model loads, so bad arguments cost nothing."""
     from ..inference import load_run
 
     src = Path(model_dir)
     if not (src / "config.json").is_file():
         raise LoraFtError(f"export: {model_dir} is not a merged model folder (no config.json); run `lora-ft merge` first")
     check_output(Path(output), REPORT_FILE, sources=[src], overwrite=overwrite, what="export: --output")
-    model, tok, recipe = load_run(src, trust)
+    return (src, *load_run(src, trust))
+
+
+def export_onnx(model_dir: str, output: str, inputs: Optional[list[str]] = None, overwrite: bool = False,
+                trust: Trust = NONE) -> dict:
+    src, model, tok, recipe = load_merged(model_dir, output, overwrite, trust)
     model = model.float().eval()
     from ..tasks import get_task
 
