@@ -7,9 +7,11 @@ lever at a time, beside the serving path before issue 21 (the same settings with
 
 Each row starts a real server process (127.0.0.1, a free port) and drives it with 32 concurrent clients over HTTP,
 one tweet per request, the same tweets in every row. Labels are compared with `lora-ft predict` on the run (fp32):
-a row that changes a label says so. The onnx row serves the run merged (`lora-ft merge`) and exported
+a row that changes a label says so (the int8 rows are lossy by design), and each row's accuracy against the
+dataset's labels says what the changes cost. The onnx rows serve the run merged (`lora-ft merge`) and exported
 (`lora-ft export --format onnx`, verified), made once under benchmarks/out/. The naive row is
-benchmarks/naive_serve.py. Writes benchmarks/results/serve_load.{json,md} (serve_load_avx2_emulated.* with --as-cpu:
+benchmarks/naive_serve.py. Writes benchmarks/results/serve_load_<cpu kind>.{json,md} (amx, avx512, avx2: what
+lora_ft/hardware.py detects; serve_load_avx2_emulated.* with --as-cpu:
 lora_ft, torch, oneDNN and MKL limited to AVX2 on this machine's clocks and caches, an estimate, not a measurement;
 onnxruntime's own kernels are not limited, so its row there is not an AVX2 figure).
 """
@@ -39,7 +41,7 @@ from throughput import EMULATE  # noqa: E402  (what makes this machine's kernels
 TWEETS = ROOT / "../shared/data/tweet_sentiment/test.csv"
 CLI = [sys.executable, "-m", "lora_ft.cli"]  # this checkout's lora_ft, whatever the venv's console script points at
 BATCH = ["--max-batch-size", "32", "--max-wait-ms", "10"]
-OFF = {"--dtype": "float32", "--inference-mode": None, "--group-by-length": None, "--threads": "0"}  # before issue 21
+OFF = {"--dtype": "float32", "--merge": None, "--inference-mode": None, "--group-by-length": None, "--threads": "0"}  # before issue 21
 
 
 def levers(**on) -> list[str]:
@@ -56,12 +58,15 @@ def levers(**on) -> list[str]:
 ROWS = {  # name: (server, model, arguments)
     "naive": ("naive", "run", []),
     "today": ("serve", "run", levers()),
+    "+merge": ("serve", "run", levers(**{"--merge": None})),
     "+inference_mode": ("serve", "run", levers(**{"--inference-mode": None})),
     "+bf16": ("serve", "run", levers(**{"--dtype": "auto"})),
     "+length_groups": ("serve", "run", levers(**{"--group-by-length": None})),
     "+threads_1": ("serve", "run", levers(**{"--threads": "1"})),
     "all": ("serve", "run", BATCH),
+    "all_int8": ("serve", "run", BATCH + ["--dtype", "int8"]),  # opt-in and lossy: its changed labels are counted
     "onnx": ("serve", "onnx", BATCH + ["--backend", "onnx"]),
+    "onnx_int8": ("serve", "onnx", BATCH + ["--backend", "onnx", "--dtype", "int8"]),  # lossy, as all_int8
 }
 
 
@@ -154,13 +159,14 @@ def main() -> int:
     if not (run / "adapter_config.json").is_file():
         raise SystemExit(f"{run}: not an adapter run dir; run `python benchmarks/cls_tweets.py --only smollm2-lora` first or pass --run")
     with open(TWEETS, newline="", encoding="utf-8") as fh:
-        texts = [r["text"] for r in csv.DictReader(fh) if r["text"].strip()][: args.requests]
+        rows_in = [r for r in csv.DictReader(fh) if r["text"].strip()][: args.requests]
+    texts, gold = [r["text"] for r in rows_in], [r["sentiment"] for r in rows_in]
     names = [n for n in args.rows.split(",") if n]
     if not set(names) <= set(ROWS):
         raise SystemExit(f"--rows: {', '.join(sorted(set(names) - set(ROWS)))} not among {', '.join(ROWS)}")
     info, out_dir = machine(), run.parent
     want = reference_labels(run, texts, out_dir)
-    models = {"run": run, "onnx": onnx_model(run) if "onnx" in names else None}
+    models = {"run": run, "onnx": onnx_model(run) if {"onnx", "onnx_int8"} & set(names) else None}
     rows = []
     for name in names:
         kind, model, extra = ROWS[name]
@@ -172,17 +178,21 @@ def main() -> int:
             proc.terminate()
             proc.wait(30)
         changed = [i for i, (g, w) in enumerate(zip(labels, want)) if g is not None and g != w]
+        accuracy = sum(g == t for g, t in zip(labels, gold)) / len(gold)  # against the dataset's labels: what a change costs
         rows.append({"row": name, "server": kind, "args": " ".join(extra), **row, "labels_changed": len(changed),
+                     "accuracy": round(accuracy, 4),
                      "changed_inputs": changed, "loadavg_1min_before": round(load, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2)})
         print(json.dumps(rows[-1]), flush=True)
     by = {r["row"]: r["requests_per_s"] for r in rows}
     ratios = {f"{a}_vs_{b}": round(by[a] / by[b], 2) for a, b in (("all", "today"), ("all", "naive"), ("onnx", "today"),
-                                                                   ("today", "naive")) if a in by and b in by}
+                                                                   ("today", "naive"), ("all_int8", "today"),
+                                                                   ("all_int8", "naive"), ("onnx", "naive"),
+                                                                   ("onnx_int8", "today"), ("onnx_int8", "naive")) if a in by and b in by}
     out = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": info,
            "run": str(run.relative_to(ROOT) if run.is_relative_to(ROOT) else run), "clients": args.clients,
            "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:]), "rows": rows, "ratios": ratios,
            "emulated_cpu": args.as_cpu}
-    write(out, "serve_load" + (f"_{args.as_cpu}_emulated" if args.as_cpu else ""))
+    write(out, "serve_load_" + (f"{args.as_cpu}_emulated" if args.as_cpu else info["capability"]))  # one file per CPU kind
     return 0
 
 
@@ -197,10 +207,11 @@ def write(out: dict, stem: str) -> None:
           "`lora-ft predict` on the run (fp32)."
           + (f" EMULATED {out['emulated_cpu']}: kernels limited as on such a CPU, an estimate, not a measurement."
              if out["emulated_cpu"] else ""), "",
-          "| row | server arguments | req/s | p50 ms | p99 ms | errors | labels changed | load 1-min before |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| row | server arguments | req/s | p50 ms | p99 ms | errors | labels changed | accuracy | load 1-min before |",
+          "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['row']} | `{r['args'] or 'benchmarks/naive_serve.py'}` | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} "
-           f"| {r['errors']} | {r['labels_changed']} / {r['requests']} | {r['loadavg_1min_before']} |" for r in out["rows"]]
+           f"| {r['errors']} | {r['labels_changed']} / {r['requests']} | {r.get('accuracy', '-')} | {r['loadavg_1min_before']} |"
+           for r in out["rows"]]
     md += ["", "Ratios of req/s: " + ", ".join(f"{k} {v}x" for k, v in out["ratios"].items()) + ".",
            f"Command: `{out['command']}`"]
     (results / f"{stem}.md").write_text("\n".join(md) + "\n")

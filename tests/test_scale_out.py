@@ -99,7 +99,8 @@ def recipe(tmp_path_factory, tiny_llama, tiny_data) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(recipe) -> Path:
     out = recipe.parent / "ddp"
-    launch("multi_cpu.yaml", recipe, out, accel_args=("--num_processes", 2))
+    proc = launch("multi_cpu.yaml", recipe, out, accel_args=("--num_processes", 2))
+    assert proc.stdout.count("saved run dir") == 1  # only the main process writes and reports
     return out
 
 
@@ -149,6 +150,15 @@ def test_fsdp_losses_match_ddp(fsdp_run, ddp_run):
     assert_same_training(fsdp_run, ddp_run)
 
 
+def test_ddp_run_has_one_writer_and_gathers_eval_from_both_processes(ddp_run, tiny_data):
+    """What test_scale_resume's test_two_cpu_processes (slow) checks beside its epoch arithmetic, on this file's DDP run."""
+    m = metrics(ddp_run)
+    assert m["world_size"] == 2
+    assert m["eval_samples"] == len(read_rows(tiny_data / "test.csv"))  # gathered from both processes, no duplicates
+    assert len((ddp_run / "eval_predictions.jsonl").read_text().splitlines()) == m["eval_samples"]
+    assert not (ddp_run / ".saving").exists()
+
+
 @pytest.mark.slow  # ~35 s of process launches on 2 cores: `make bench` (the default run keeps FSDP training, predict and merge)
 def test_fsdp_resume_from_a_sharded_checkpoint_equals_the_straight_run(fsdp_run, recipe):
     out = recipe.parent / "fsdp-resumed"
@@ -189,6 +199,7 @@ def test_fsdp_sft_matches_one_process_with_the_same_batch(tmp_path, llama_models
 # ---------------------------------------------------------------- two machines on localhost
 
 
+@pytest.mark.slow  # two more launches (~40 s on 2 cores): `make bench`; the configs' parsing stays in the default run
 def test_two_machines_on_localhost_take_the_steps_of_one(recipe, ddp_run, tmp_path):
     """multi_node_cpu.yaml as 2 machines x 1 process: machine ranks 0 and 1 against 127.0.0.1, as on real nodes."""
     out = tmp_path / "mn"

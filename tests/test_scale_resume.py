@@ -41,6 +41,7 @@ def test_accelerate_configs_parse(tmp_path):
     assert (REPO / "recipes/accelerate/multi_node.yaml").read_text().count("# FILL:") == 2
 
 
+@pytest.mark.slow  # a 2-process launch (~35 s on 2 cores): `make bench`; test_scale_out's DDP run checks the rest by default
 def test_two_cpu_processes(tmp_path, tiny_gpt2, tiny_data):
     """accelerate launch with 2 gloo processes: one writer, world_size 2, steps = rows / (2 x batch)."""
     recipe = cls_recipe(tmp_path / "r.yaml", tiny_gpt2, tiny_data, num_train_epochs=1, max_steps=-1, per_device_train_batch_size=8)

@@ -102,16 +102,70 @@ def test_bf16_casts_once_and_answers_as_predict_on_the_cast_model(llama_run, mon
     import torch
 
     monkeypatch.setenv("LORA_FT_CPU_CAPABILITY", "amx")  # auto means bf16 on any machine here
-    served = load_models([f"l={llama_run.run_dir}"], speed=sp.Speed(group_by_length=False))
+    unmerged = sp.Speed(group_by_length=False, merge=False)  # predict runs the adapter: the same computation
+    served = load_models([f"l={llama_run.run_dir}"], speed=unmerged)
     model = served["l"].group.model
     assert served["l"].group.dtype == "bfloat16"
     assert {p.dtype for p in model.parameters() if p.is_floating_point()} == {torch.bfloat16}
-    c = build_app(served, ServeSettings(speed=sp.Speed(group_by_length=False)))
+    c = build_app(served, ServeSettings(speed=unmerged))
     for t in TEXTS:  # one request, one batch: the same computation as predict on the bf16 model
         got = asyncio.run(_one(c, "/v1/classify", "l", t))
         same_rows([got], alone(llama_run.run_dir, [t], torch.bfloat16), tol=0)
     monkeypatch.setenv("LORA_FT_CPU_CAPABILITY", "avx2")  # no native bf16: weights stay fp32
     assert load_models([f"l={llama_run.run_dir}"])["l"].group.dtype == "float32"
+
+
+def test_a_run_alone_is_merged_at_load_and_runs_on_a_shared_base_are_not(llama_run, gpt2_run):
+    from peft import PeftModel
+
+    served = load_models([f"l={llama_run.run_dir}"], speed=FP32)
+    assert served["l"].adapter is None and not isinstance(served["l"].group.model, PeftModel)
+    assert not any("lora_" in n for n, _ in served["l"].group.model.named_parameters())
+    same_rows([asyncio.run(_one(build_app(served, ServeSettings(speed=FP32)), "/v1/classify", "l", t)) for t in TEXTS],
+              alone(llama_run.run_dir, TEXTS))  # fp32 merge: predict's labels, scores to 1e-4
+    kept = load_models([f"a={gpt2_run.run_dir}", f"b={gpt2_run.run_dir}"], speed=FP32)
+    assert kept["a"].group is kept["b"].group and isinstance(kept["a"].group.model, PeftModel)
+    assert isinstance(load_models([f"l={llama_run.run_dir}"], speed=sp.Speed(dtype="float32", merge=False))["l"].group.model, PeftModel)
+
+
+def test_int8_quantizes_the_base_only_and_answers_as_predict_on_that_model(llama_run):
+    import torch
+
+    served = load_models([f"l={llama_run.run_dir}"], speed=sp.Speed(dtype="int8", merge=False, group_by_length=False))
+    model = served["l"].group.model
+    assert served["l"].group.dtype == "int8"
+    int8 = {n for n, mod in model.named_modules() if isinstance(mod, torch.ao.nn.quantized.dynamic.Linear)}
+    assert int8 and all(n.endswith("base_layer") for n in int8), int8  # the base's projections, inside peft's wrappers
+    fp32 = {n for n, mod in model.named_modules() if type(mod) is torch.nn.Linear}
+    assert any(".lora_A." in n for n in fp32) and any("modules_to_save" in n for n in fp32)  # adapters and the head: fp32
+    c = build_app(served, ServeSettings(speed=sp.Speed(dtype="int8", merge=False, group_by_length=False)))
+    want = get_task(served["l"].task).predict(model, served["l"].tok, TEXTS, served["l"].recipe, batch_size=1)
+    got = [asyncio.run(_one(c, "/v1/classify", "l", t)) for t in TEXTS]
+    same_rows(got, want, tol=1e-6)
+    # Lossy but close: the fp32 model's probabilities within a few hundredths on this tiny random model.
+    ref = alone(llama_run.run_dir, TEXTS)
+    assert max(abs(g["scores"][k] - r["scores"][k]) for g, r in zip(got, ref) for k in r["scores"]) < 0.05
+
+
+def test_int8_refuses_what_it_cannot_quantize(gpt2_run):
+    import torch
+
+    dora = torch.nn.Module()
+    dora.lora_magnitude_vector = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(LoraFtError, match="DoRA"):
+        sp.quantize_int8(dora)
+    with pytest.raises(LoraFtError, match="no Linear layer"):  # GPT-2: Conv1D projections, 32 wide
+        load_models([f"g={gpt2_run.run_dir}"], speed=sp.Speed(dtype="int8"))
+
+
+def test_int8_on_a_merged_run_quantizes_every_wide_linear(llama_run):
+    import torch
+
+    served = load_models([f"l={llama_run.run_dir}"], speed=sp.Speed(dtype="int8"))
+    model = served["l"].group.model
+    qtype = torch.ao.nn.quantized.dynamic.Linear
+    assert served["l"].group.dtype == "int8" and any(isinstance(m, qtype) for m in model.modules())
+    assert type(model.score) is torch.nn.Linear  # the head, 3 labels wide, decides the label: fp32
 
 
 async def _one(app, route, model, text):
@@ -149,6 +203,24 @@ def test_onnx_backend_equals_predict_on_the_merged_model(merged, tmp_path):
     assert main(["export", str(merged), "--format", "onnx", "--output", str(tmp_path / "x")]) == 0
     served = load_models([f"x={tmp_path / 'x'}"], speed=onnx)  # an export folder: served as it is
     same_rows(post_all(build_app(served, ServeSettings(speed=onnx)), "/v1/classify", "x", TEXTS), want)
+
+
+def test_onnx_int8_quantizes_the_graph_and_stays_close(merged, llama_run, tmp_path):
+    import onnx
+
+    with pytest.raises(LoraFtError, match="no MatMul"):  # GPT-2's Conv1D layers export as Gemm, 32 wide
+        load_models([f"m={merged}"], speed=sp.Speed(backend="onnx", dtype="int8"))
+    assert main(["merge", str(llama_run.run_dir), "--output", str(tmp_path / "L")]) == 0
+    merged = tmp_path / "L"  # the tiny Llama's projections: MatMuls 64 wide
+    served = load_models([f"m={merged}"], speed=sp.Speed(backend="onnx", dtype="int8"))
+    model = served["m"].group.model
+    assert served["m"].group.dtype == "int8"
+    graph = onnx.load(model.graph_path)
+    ops = {n.op_type for n in graph.graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, ops
+    got = post_all(build_app(served, ServeSettings(speed=sp.Speed(backend="onnx", dtype="int8"))), "/v1/classify", "m", TEXTS)
+    ref = alone(merged, TEXTS)
+    assert max(abs(g["scores"][k] - r["scores"][k]) for g, r in zip(got, ref) for k in r["scores"]) < 0.05
 
 
 def test_onnx_backend_refuses_adapters_and_unverified_exports(gpt2_run, merged, tmp_path):

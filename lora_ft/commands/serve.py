@@ -1,5 +1,5 @@
 """`lora-ft serve RUN [NAME=RUN ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--allowed-hosts H,...] [--max-batch-size 32]
-[--backend torch|onnx] [--dtype auto|bfloat16|float32] [--no-inference-mode] [--no-group-by-length] [--threads N] [--task T]`."""
+[--backend torch|onnx] [--dtype auto|bfloat16|float32|int8] [--no-merge] [--no-inference-mode] [--no-group-by-length] [--threads N] [--task T]`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default=speed.backend,
                    help="torch, or onnx: onnxruntime runs a merged labelling model (exported and verified at start)")
     p.add_argument("--dtype", choices=DTYPES, default=speed.dtype,
-                   help="weights of labelling models; auto: bfloat16 where the CPU has AMX or AVX512-BF16, else float32")
+                   help="weights of labelling models; auto: bfloat16 where the CPU has AMX or AVX512-BF16, else float32; int8: the "
+                        "base's Linear layers dynamically quantized (lossy, for AVX2-only CPUs)")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=speed.merge,
+                   help="merge a labelling run that has its base to itself into it at load, in memory (--no-merge: keep the adapter)")
     p.add_argument("--inference-mode", action=argparse.BooleanOptionalAction, default=speed.inference_mode,
                    help="torch.inference_mode around every forward (--no-inference-mode: no_grad)")
     p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=speed.group_by_length,
@@ -61,7 +64,7 @@ def run(args, overrides: list[str]) -> int:
     from ..trust import from_args
 
     hosts = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
-    speed = Speed(dtype=args.dtype, inference_mode=args.inference_mode, group_by_length=args.group_by_length,
+    speed = Speed(dtype=args.dtype, merge=args.merge, inference_mode=args.inference_mode, group_by_length=args.group_by_length,
                   threads=args.threads, backend=args.backend)
     settings = ServeSettings(api_key=args.api_key, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              timeout_s=args.timeout, max_body_bytes=args.max_body_bytes, max_inputs=args.max_inputs,
@@ -72,7 +75,7 @@ def run(args, overrides: list[str]) -> int:
     if args.host not in LOOPBACK and not args.api_key:
         print(f"lora-ft: warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     for name, m in models.items():
-        how = "onnxruntime" if speed.backend == "onnx" else f"torch {m.group.dtype}"
+        how = f"{'onnxruntime' if speed.backend == 'onnx' else 'torch'} {m.group.dtype}"
         print(f"[lora_ft] serving {name} ({m.task}, {how}) from {m.path}", file=sys.stderr)
     print(f"[lora_ft] listening on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(build_app(models, settings), host=args.host, port=args.port, log_level="warning")

@@ -3,6 +3,11 @@
 A folder written by `lora-ft export --format onnx` is served as it is (its report must say verified); a merged
 folder is exported first, into a temporary folder, by the same verified export (onnxruntime must match torch
 there, or nothing is served). An adapter run dir is refused: merge it first.
+
+With `--dtype int8` the verified fp32 graph is quantized at start, into a temporary folder, by onnxruntime's dynamic
+quantization (int8 weights per output channel, activations per batch) on the MatMuls that speed.int8_layers would
+take in torch: constant weights at least INT8_MIN_FEATURES wide and not narrowing. Lossy: benchmarks/serve_load.py
+counts the labels it changes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class OnnxModel:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             so.intra_op_num_threads = threads
+        self.graph_path = Path(graph)
         self.session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
         self.config = config
         self._device = torch.zeros(0)
@@ -74,8 +80,32 @@ def onnx_folder(path: Path, trust) -> Path:
     return out
 
 
-def load_onnx(path: Path, trust, threads: int = 0):
-    """(OnnxModel, tokenizer, recipe) for a merged folder or an ONNX export of one."""
+def int8_graph(graph: Path) -> Path:
+    """graph with its wide, non-narrowing constant-weight MatMuls dynamically quantized to int8, in a temporary folder."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from .speed import INT8_MIN_FEATURES
+
+    model = onnx.load(str(graph), load_external_data=False)  # shapes only: the weights are not needed here
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    take = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(shapes.get(n.input[1], ())) == 2
+            and min(shapes[n.input[1]]) >= INT8_MIN_FEATURES and shapes[n.input[1]][0] <= shapes[n.input[1]][1]]
+    if not take:
+        raise LoraFtError(f"serve --backend onnx --dtype int8: {graph} has no MatMul with a constant weight at least "
+                          f"{INT8_MIN_FEATURES} wide to quantize; serve it with --dtype float32")
+    tmp = tempfile.TemporaryDirectory(prefix="lora-ft-onnx-int8-")
+    _TEMP.append(tmp)
+    out = Path(tmp.name) / "model.onnx"
+    # reduce_range: 7-bit weights, so AVX2 CPUs without VNNI, whose u8 x s8 pair sums saturate at 16 bits, compute
+    # exactly (without it 49 of 64 tweet labels changed on an AVX2-only EPYC; with it, 2).
+    quantize_dynamic(str(graph), str(out), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                     op_types_to_quantize=["MatMul"], nodes_to_quantize=take)
+    return out
+
+
+def load_onnx(path: Path, trust, threads: int = 0, dtype: str = "float32"):
+    """(OnnxModel, tokenizer, recipe) for a merged folder or an ONNX export of one; dtype int8 quantizes the graph."""
     from transformers import AutoConfig, AutoTokenizer
 
     from ..config import load_run_recipe
@@ -90,4 +120,5 @@ def load_onnx(path: Path, trust, threads: int = 0):
     folder = onnx_folder(path, trust)
     tok = AutoTokenizer.from_pretrained(str(folder))
     fix_pad_token(tok)
-    return OnnxModel(folder / "model.onnx", AutoConfig.from_pretrained(str(folder)), threads), tok, recipe
+    graph = int8_graph(folder / "model.onnx") if dtype == "int8" else folder / "model.onnx"
+    return OnnxModel(graph, AutoConfig.from_pretrained(str(folder)), threads), tok, recipe

@@ -2,21 +2,30 @@
 
 - dtype: bf16 weights where bf16 matmuls are fast (AMX or AVX512-BF16 CPUs, CUDA with bf16; lora_ft/hardware.py
   decides), fp32 elsewhere: on AVX2 alone bf16 matmuls run >10x slower than fp32. Weights are cast once at load,
-  not autocast per request: autocast re-casts every weight at every forward.
+  not autocast per request: autocast re-casts every weight at every forward. `int8` (opt-in): the base model's
+  large, non-narrowing Linear layers dynamically quantized to int8 (torch's fbgemm/x86 kernels, weights per output channel,
+  activations per batch), for CPUs where bf16 is slow; LoRA matrices and the classifier head stay fp32. It is
+  lossy: benchmarks/serve_load.py counts the labels it changes against `lora-ft predict`.
+- merge: a labelling run that has its base to itself is merged into it at load, in fp32 and in memory (peft's
+  merge_and_unload; nothing is written), so a forward runs no LoRA or DoRA path. Runs that share a base keep
+  their adapters (one copy of the base serves them all); generation keeps the adapter as `lora-ft generate` does.
 - inference_mode: torch.inference_mode instead of no_grad (no version counters or view tracking at all).
 - group_by_length: a batch is split into runs of similar token counts where the padding saved outweighs the cost
   of another forward pass.
 - threads: torch's intra-op threads (0: torch's default, one per core).
 - backend: torch, or onnxruntime for merged models (lora_ft/serving/onnx_backend.py).
 
-`--dtype float32 --no-inference-mode --no-group-by-length --threads 0` is the serving path before issue 21.
+`--dtype float32 --no-merge --no-inference-mode --no-group-by-length --threads 0` is the serving path before issue 21.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPES = ("auto", "bfloat16", "float32")
+DTYPES = ("auto", "bfloat16", "float32", "int8")
+# Linear layers with a side under this stay fp32 under int8: LoRA's rank-r matrices and classifier heads (a few
+# labels wide) are cheap, and the head alone decides the label.
+INT8_MIN_FEATURES = 64
 BACKENDS = ("torch", "onnx")
 # One forward pass costs about OVERHEAD_TOKENS padded tokens' worth of work beyond its tokens (per-layer dispatch,
 # python, thread hand-offs). Measured on the SmolLM2 tweet classifier, bf16 weights, 2 AMX cores (2026-12-02,
@@ -28,6 +37,7 @@ OVERHEAD_TOKENS = 260
 @dataclass(frozen=True)
 class Speed:
     dtype: str = "auto"
+    merge: bool = True
     inference_mode: bool = True
     group_by_length: bool = True
     threads: int = 0
@@ -61,9 +71,46 @@ def cast(model, speed: Speed) -> str:
     want = resolved_dtype(speed)
     if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
         return "quantized"
+    if want == "int8":
+        quantize_int8(model)
+        return "int8"
     if want == "bfloat16":
         model.to(torch.bfloat16)
     return want
+
+
+def int8_layers(model) -> set[str]:
+    """Names of the Linear layers int8 takes: the base model's (inside peft's wrappers, their base_layer), both sides
+    at least INT8_MIN_FEATURES and not narrowing, never a LoRA matrix or a modules_to_save copy."""
+    import torch
+
+    # Narrowing layers (MLP down projections) stay fp32 too: their input, the activated intermediate, carries the
+    # outliers that one int8 scale per batch flattens. Measured on the SmolLM2 tweet classifier, 64 tweets, AVX2:
+    # all Linear layers int8 changed 6 labels of 64, these kept fp32 changed 2, at about the same speed.
+    return {name for name, mod in model.named_modules()
+            if type(mod) is torch.nn.Linear and min(mod.in_features, mod.out_features) >= INT8_MIN_FEATURES
+            and mod.in_features <= mod.out_features
+            and not any(part.startswith("lora_") or part in ("modules_to_save", "original_module") for part in name.split("."))}
+
+
+def quantize_int8(model) -> None:
+    """Swap int8_layers(model) for torch's dynamically quantized Linear, in place. Unmerged DoRA is refused: its
+    forward reads the base weight, which an int8 layer no longer holds as a float tensor (merged, it is plain)."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from ..errors import LoraFtError
+
+    if any("lora_magnitude_vector" in name for name, _ in model.named_parameters()):
+        raise LoraFtError("serve --dtype int8: DoRA adapters on a shared base read its weight; serve the run alone (it is "
+                          "merged at load), or with --dtype auto or float32")
+    engines = torch.backends.quantized.supported_engines
+    torch.backends.quantized.engine = "x86" if "x86" in engines else "fbgemm" if "fbgemm" in engines else engines[-1]
+    names = int8_layers(model)
+    if not names:  # GPT-2's projections are transformers' Conv1D, not Linear; tiny models are narrower than the floor
+        raise LoraFtError(f"serve --dtype int8: the model has no Linear layer at least {INT8_MIN_FEATURES} wide on both sides "
+                          "to quantize; serve it with --dtype auto or float32")
+    quantize_dynamic(model, dict.fromkeys(names, per_channel_dynamic_qconfig), inplace=True)
 
 
 def grad_off(speed: Speed):
