@@ -260,3 +260,13 @@ def bert_run(tmp_path_factory, tiny_bert, tiny_data) -> TrainedRun:
 @pytest.fixture(scope="session")
 def llama_run(tmp_path_factory, tiny_llama, tiny_data) -> TrainedRun:
     return _trained(tmp_path_factory, "llama-run", tiny_llama, tiny_data)
+
+
+# Files whose tests launch several processes (each pays torch + transformers + peft imports, ~12 s on a slow
+# 2-core CPU): collected first, so that under `-n 2 --dist loadfile` the longest files start first and the shorter
+# ones fill in behind them, instead of one worker running them alone at the end.
+LAUNCHING_FILES = ("test_scale_out.py", "test_scale_resume.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LAUNCHING_FILES)  # stable: the order within each part is kept

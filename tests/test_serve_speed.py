@@ -291,3 +291,16 @@ def test_plain_folder_task_from_the_flag_or_a_clear_error(plain_classifier, tmp_
     with pytest.raises(SystemExit) as e:  # argparse: not a choice
         main(["serve", str(odd), "--dtype", "float16"])
     assert e.value.code == 2 and "--dtype" in capsys.readouterr().err
+
+
+def test_merge_at_load_never_folds_into_4bit_weights():
+    """peft's merge into a 4-bit base re-quantizes W + BA: a changed model, so such runs keep their adapter."""
+    import torch
+
+    bnb = pytest.importorskip("bitsandbytes")
+    q = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+    four_bit = torch.nn.Sequential(q.to("cpu"))
+    assert sp.bnb_quantized(four_bit) and not sp.mergeable(four_bit, sp.Speed())
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    assert sp.mergeable(plain, sp.Speed()) and not sp.mergeable(plain, sp.Speed(merge=False))

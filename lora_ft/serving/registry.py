@@ -13,7 +13,7 @@ from typing import Any, Optional
 from ..errors import LoraFtError
 from ..config import RECIPE_FILE
 from ..trust import NONE, Trust, granted
-from .speed import Speed, cast
+from .speed import Speed, cast, mergeable
 
 NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -93,9 +93,9 @@ def load_models(specs: list[str], trust: Trust = NONE, speed: Speed = Speed(), t
     served: dict[str, ServedModel] = {}
     for name, path in parse_specs(specs):
         if speed.backend == "onnx":
-            model, tok, recipe = load_onnx(Path(path), trust, speed.threads, "int8" if speed.dtype == "int8" else "float32")
-            served[name] = ServedModel(name, Path(path), recipe.args.task, recipe, tok,
-                                       Group(model, dtype="int8" if speed.dtype == "int8" else "float32"), None)
+            dtype = "int8" if speed.dtype == "int8" else "float32"  # onnxruntime runs the exported fp32 graph or its int8 copy
+            model, tok, recipe = load_onnx(Path(path), trust, speed.threads, dtype)
+            served[name] = ServedModel(name, Path(path), recipe.args.task, recipe, tok, Group(model, dtype=dtype), None)
             continue
         if Path(path).is_dir() and not (Path(path) / RECIPE_FILE).is_file() and (Path(path) / "config.json").is_file():
             model, tok, recipe = load_plain(path, task, trust)  # a base model or one trained elsewhere
@@ -136,7 +136,7 @@ def load_models(specs: list[str], trust: Trust = NONE, speed: Speed = Speed(), t
     # generate` runs, so /v1/generate keeps its tokens.
     groups_of = {id(m.group): m for m in served.values() if speed.backend == "torch" and get_task(m.task).predict is not None}
     for m in groups_of.values():
-        if speed.merge and m.adapter is not None and len(m.group.adapters) == 1:
+        if m.adapter is not None and len(m.group.adapters) == 1 and mergeable(m.group.model, speed):
             m.group.model, m.adapter = m.group.model.merge_and_unload(), None  # see speed.py: merge
             m.group.adapters = []
         m.group.dtype = cast(m.group.model, speed)

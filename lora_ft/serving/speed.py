@@ -7,7 +7,7 @@
   activations per batch), for CPUs where bf16 is slow; LoRA matrices and the classifier head stay fp32. It is
   lossy: benchmarks/serve_load.py counts the labels it changes against `lora-ft predict`.
 - merge: a labelling run that has its base to itself is merged into it at load, in fp32 and in memory (peft's
-  merge_and_unload; nothing is written), so a forward runs no LoRA or DoRA path. Runs that share a base keep
+  merge_and_unload; nothing is written), so a forward runs no LoRA or DoRA path. 4-/8-bit bases are not merged. Runs that share a base keep
   their adapters (one copy of the base serves them all); generation keeps the adapter as `lora-ft generate` does.
 - inference_mode: torch.inference_mode instead of no_grad (no version counters or view tracking at all).
 - group_by_length: a batch is split into runs of similar token counts where the padding saved outweighs the cost
@@ -69,7 +69,7 @@ def cast(model, speed: Speed) -> str:
     import torch
 
     want = resolved_dtype(speed)
-    if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
+    if bnb_quantized(model):
         return "quantized"
     if want == "int8":
         quantize_int8(model)
@@ -77,6 +77,17 @@ def cast(model, speed: Speed) -> str:
     if want == "bfloat16":
         model.to(torch.bfloat16)
     return want
+
+
+def bnb_quantized(model) -> bool:
+    """Whether the model holds bitsandbytes 4-/8-bit weights."""
+    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters())
+
+
+def mergeable(model, speed: Speed) -> bool:
+    """Whether `merge` folds this group's one adapter into its base: never into 4-/8-bit weights, where peft's merge
+    re-quantizes W + BA and so changes the model (`lora-ft merge` dequantizes and verifies instead)."""
+    return speed.merge and not bnb_quantized(model)
 
 
 def int8_layers(model) -> set[str]:
