@@ -131,7 +131,7 @@ def _checkpoint_keys(path: str) -> set[str]:
 def _memory_check(config, recipe) -> Check:
     import torch
 
-    from .memory import device_memory_gb, estimate, head_kind, recipe_mode, weight_bytes
+    from .memory import activation_bytes, device_memory_gb, estimate, head_kind, recipe_mode, weight_bytes
 
     a, t = recipe.args, recipe.trainer
     mode = recipe_mode(a)
@@ -140,7 +140,7 @@ def _memory_check(config, recipe) -> Check:
         est = estimate(config, batch_size=int(t.get("per_device_train_batch_size", 8)), seq_len=a.max_length, mode=mode,
                        lora_r=a.lora_r, dtype_bytes=weight_bytes(a),
                        gradient_checkpointing=bool(t.get("gradient_checkpointing")),
-                       lm_head=head_kind(a.task), cuda=torch.cuda.is_available())
+                       lm_head=head_kind(a.task), act_bytes=activation_bytes(t), cuda=torch.cuda.is_available())
     except Exception as e:  # an architecture AutoModel cannot build on meta: say so, do not block
         return Check("memory", WARN, f"no estimate for this architecture ({type(e).__name__})")
     detail = f"estimated peak {est.total_gb:.1f} GiB ({mode}, batch {t.get('per_device_train_batch_size', 8)} x {a.max_length} tokens) vs {avail:.1f} GiB {where}"

@@ -6,7 +6,8 @@ A coarse, documented model (the doctor warns with it; `lora-ft plan` proposes se
 - trainable state: LoRA parameters (all-linear, rank r) or all parameters for full fine-tuning: fp32 gradient and two
   Adam moments (12 bytes), plus an fp32 master copy (4 more) when the weights themselves are stored in 16 bits. The
   gradients fill memory the activations free during backward, so they count only beyond the activations.
-- activations: per layer about 34 x tokens x hidden bytes in 16-bit (Korthikanti et al. 2022, no recomputation),
+- activations: per layer about 34 x tokens x hidden bytes in 16-bit, twice that in fp32 (the run's precision:
+  activation_bytes) (Korthikanti et al. 2022, no recomputation; preference pairs: PAIRED_ACT_FACTOR more),
   a sqrt(layers)-th of that with gradient checkpointing; plus the LM head's logits: seq2seq materializes them all
   in fp32 with their gradient (tokens x vocab x 8); causal-LM training (trl's chunked head on GPUs, lora_ft's CPU
   head) holds one tile at a time (CPU: 1,024 tokens x vocab in fp32 and its exp; CUDA: 4,096 x 32,768 in bf16,
@@ -70,6 +71,15 @@ def weight_bytes(args) -> int:
     return 4 if args.dtype in ("float32", "auto") else 2
 
 
+def activation_bytes(trainer: dict) -> int:
+    """Bytes per activation value: 2 where the run autocasts to bf16/fp16 (the recipe says so, or leaves bf16 out on
+    hardware lora_ft trains in bf16: train.resolve_hardware's rule), 4 in fp32 (CPUs without native bf16)."""
+    from . import hardware
+
+    bf16 = trainer.get("bf16", hardware.bf16_supported() if not trainer.get("fp16") else False)
+    return 2 if bf16 or trainer.get("fp16") else 4
+
+
 def head_kind(task: str) -> str:
     """How a task's training computes logits: none (a classifier head), chunked (causal LM), full (seq2seq) or
     paired-reference (preference: two chunked sequences per example and a reference pass)."""
@@ -90,6 +100,11 @@ def _logit_bytes(kind: str, tokens: int, vocab: int, cuda: bool) -> float:
 # through the reference (the same weights, adapter off) without gradients. That pass holds one layer's temporaries
 # at a time (~8 x tokens x hidden 16-bit values) and one logits tile, freed before the policy's backward.
 PAIRED_KINDS = ("paired-reference",)
+# The paired policy pass holds more per token than the 34 x hidden bytes per layer of a plain one. Fit (not broken
+# down) to benchmarks/memory_plan.py's dpo rows, SmolLM2-135M, batch 2 and 8 x 512, fp32 on an AVX2-only EPYC
+# (2026-12-02): measured 2,030 MiB a pair against 1,148 modeled. With it both rows are within 11%. Not fit: a full
+# bf16-autocast run on AMX peaked at 20.0 GB at batch 8 (benchmarks/results/dpo_hh.json), about 2x this estimate.
+PAIRED_ACT_FACTOR = 1.75
 
 
 def estimate(config, *, batch_size: int, seq_len: int, mode: str = "lora", lora_r: int = 16, dtype_bytes: int = 2,
@@ -107,7 +122,7 @@ def estimate(config, *, batch_size: int, seq_len: int, mode: str = "lora", lora_
     lora = layers * lora_r * (4 * 2 * hidden + 3 * (hidden + inter))
     trainable = total if mode == "full" else lora
     tokens = batch_size * seq_len * (2 if lm_head in PAIRED_KINDS else 1)
-    acts = 34 * tokens * hidden * layers * act_bytes / 2
+    acts = 34 * tokens * hidden * layers * act_bytes / 2 * (PAIRED_ACT_FACTOR if lm_head in PAIRED_KINDS else 1)
     if gradient_checkpointing:
         acts /= max(layers**0.5, 1)
     logits = _logit_bytes("chunked" if lm_head in PAIRED_KINDS else lm_head, tokens, vocab, cuda)

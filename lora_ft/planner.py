@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import LoraFtError
-from .memory import Estimate, estimate, head_kind, weight_bytes
+from .memory import Estimate, activation_bytes, estimate, head_kind, weight_bytes
 
 MODES = ("lora", "qlora8", "qlora4", "full")
 OVERRIDES = {"lora": [], "qlora8": ["--load_in_8bit", "true"], "qlora4": ["--load_in_4bit", "true"], "full": ["--use_peft", "false"]}
@@ -39,6 +39,7 @@ def settings_for(recipe, config, cuda: bool) -> list[Setting]:
     batch = int(t.get("per_device_train_batch_size", 8))
     accum = int(t.get("gradient_accumulation_steps", 1))
     dtype_bytes = weight_bytes(a)
+    act_bytes = activation_bytes(t)
     lm_head = head_kind(a.task)
     out = []
     from .memory import count_params
@@ -49,7 +50,7 @@ def settings_for(recipe, config, cuda: bool) -> list[Setting]:
         while b >= 1:
             for mode in MODES:
                 est = estimate(config, batch_size=b, seq_len=a.max_length, mode=mode, lora_r=a.lora_r, dtype_bytes=dtype_bytes,
-                               gradient_checkpointing=ckpt, lm_head=lm_head, cuda=cuda, total_params=total)
+                               gradient_checkpointing=ckpt, lm_head=lm_head, act_bytes=act_bytes, cuda=cuda, total_params=total)
                 out.append(Setting(mode, b, k, ckpt, est))
             b, k = b // 2, k * 2
     return out

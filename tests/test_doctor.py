@@ -163,3 +163,14 @@ def test_memory_model_logits_terms():
     assert growth["causal-lm"] == pytest.approx(growth["sequence-classification"])
     full = estimate(cfg, batch_size=1, seq_len=8, mode="full", dtype_bytes=4, lm_head="none", total_params=10**7)
     assert full.trainable_gb * 2**30 == pytest.approx(10**7 * 12, rel=0.01)  # tiny activations: gradients count whole
+
+
+def test_activations_are_counted_in_the_precision_the_run_trains_in(monkeypatch):
+    """bf16 autocast where lora_ft trains in bf16 (AMX here, forced), fp32 activations on an AVX2-only CPU: twice the
+    bytes. The recipe's own bf16 / fp16 wins over the hardware's default, as in train.resolve_hardware."""
+    from lora_ft.memory import activation_bytes
+
+    monkeypatch.setenv("LORA_FT_CPU_CAPABILITY", "amx")
+    assert activation_bytes({}) == 2 and activation_bytes({"bf16": False}) == 4
+    monkeypatch.setenv("LORA_FT_CPU_CAPABILITY", "avx2")
+    assert activation_bytes({}) == 4 and activation_bytes({"bf16": True}) == 2 and activation_bytes({"fp16": True}) == 2
