@@ -60,6 +60,16 @@ def write_recipe(path: Path, **keys) -> Path:
     return path
 
 
+def train_run(root: Path, name: str, model, data, *, fast: dict, **keys) -> Path:
+    """`lora-ft train` in process on a recipe of the file's `fast` keys (overridden by `keys`): the run dir."""
+    from lora_ft.cli import main
+
+    recipe = write_recipe(root / f"{name}.yaml", model_name_or_path=str(model), dataset_name=str(data), **{**fast, **keys})
+    out = root / name
+    assert main(["train", str(recipe), "--output_dir", str(out)]) == 0
+    return out
+
+
 def json_lines(text: str) -> list[dict]:
     """Strict: every non-empty stdout line must be one JSON object."""
     return [json.loads(line) for line in text.splitlines() if line.strip()]

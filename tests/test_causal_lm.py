@@ -7,6 +7,7 @@ the library import again for every command on a 2-core box.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -15,6 +16,7 @@ import pytest
 from fixtures_gen import (  # noqa: F401  (fixtures are used by name)
     CHATML, MULTI_TURN, QA, chat_tok, json_lines, llama_models, plain_tok, write_jsonl, write_recipe,
 )
+import fixtures_gen
 from lora_ft.cli import main
 from lora_ft.config import resolve
 from lora_ft.errors import DataError
@@ -39,11 +41,7 @@ def data_dir(path, rows):
     return path
 
 
-def train_run(root, name, model, data, **keys):
-    recipe = write_recipe(root / f"{name}.yaml", model_name_or_path=str(model), dataset_name=str(data), **{**FAST, **keys})
-    out = root / name
-    assert main(["train", str(recipe), "--output_dir", str(out)]) == 0
-    return out
+train_run = functools.partial(fixtures_gen.train_run, fast=FAST)
 
 
 def cli_json(capsys, *argv) -> list[dict]:

@@ -4,11 +4,13 @@ the result is an adapter run that merge and generate treat like an SFT run."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 
 from fixtures_gen import QA, chat_tok, llama_models, plain_tok, write_jsonl, write_recipe  # noqa: F401
+import fixtures_gen
 from lora_ft.cli import main
 from lora_ft.config import resolve
 from lora_ft.errors import DataError, RecipeError
@@ -38,11 +40,7 @@ def data_dir(path, rows):
     return path
 
 
-def train_run(root, name, model, data, **keys):
-    recipe = write_recipe(root / f"{name}.yaml", model_name_or_path=str(model), dataset_name=str(data), **{**FAST, **keys})
-    out = root / name
-    assert main(["train", str(recipe), "--output_dir", str(out)]) == 0
-    return out
+train_run = functools.partial(fixtures_gen.train_run, fast=FAST)
 
 
 @pytest.fixture(scope="module")
