@@ -185,13 +185,18 @@ def write_gguf(state: dict, c, tok, path: Path, quant: str, name: str, n_vocab: 
     for tname, data, raw in gguf_tensors(state, c, quant):
         w.add_tensor(tname, data, raw_dtype=raw)
         types[(raw.name if raw is not None else {"float32": "F32", "float16": "F16"}[data.dtype.name])] += 1
+    finish(w)
+    return {"architecture": arch.gguf, "tokenizer": tok_info, "tensor_types": dict(types), "n_tensors": sum(types.values())}
+
+
+def finish(w) -> None:
+    """Write a filled gguf.GGUFWriter out (header, key-values, tensors) and close it, whatever fails."""
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
     finally:
         w.close()
-    return {"architecture": arch.gguf, "tokenizer": tok_info, "tensor_types": dict(types), "n_tensors": sum(types.values())}
 
 
 def _verify(model, tok, folder: Path, file: str, quant: str) -> dict:

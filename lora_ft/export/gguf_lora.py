@@ -91,12 +91,7 @@ def _write(pairs: list, c, path: Path, name: str) -> dict:
     for gname, a, b, _ in pairs:
         w.add_tensor(f"{gname}.lora_a", a)
         w.add_tensor(f"{gname}.lora_b", b)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
+    eg.finish(w)
     return {"architecture": get_arch(c.model_type).gguf, "n_pairs": len(pairs), "lora_alpha": pairs[0][3],
             "ranks": sorted({int(a.shape[0]) for _, a, _, _ in pairs})}
 
