@@ -210,7 +210,7 @@ def write(out: dict, stem: str) -> None:
           "| row | server arguments | req/s | p50 ms | p99 ms | errors | labels changed | accuracy | load 1-min before |",
           "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['row']} | `{r['args'] or 'benchmarks/naive_serve.py'}` | {r['requests_per_s']} | {r['p50_ms']} | {r['p99_ms']} "
-           f"| {r['errors']} | {r['labels_changed']} / {r['requests']} | {r.get('accuracy', '-')} | {r['loadavg_1min_before']} |"
+           f"| {r['errors']} | {r['labels_changed']} / {r['requests']} | {r['accuracy']} | {r['loadavg_1min_before']} |"
            for r in out["rows"]]
     md += ["", "Ratios of req/s: " + ", ".join(f"{k} {v}x" for k, v in out["ratios"].items()) + ".",
            f"Command: `{out['command']}`"]

@@ -76,8 +76,7 @@ def activation_bytes(trainer: dict) -> int:
     hardware lora_ft trains in bf16: train.resolve_hardware's rule), 4 in fp32 (CPUs without native bf16)."""
     from . import hardware
 
-    bf16 = trainer.get("bf16", hardware.bf16_supported() if not trainer.get("fp16") else False)
-    return 2 if bf16 or trainer.get("fp16") else 4
+    return 2 if trainer.get("fp16") or trainer.get("bf16", hardware.bf16_supported()) else 4
 
 
 def head_kind(task: str) -> str:

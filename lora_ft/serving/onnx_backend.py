@@ -85,12 +85,13 @@ def int8_graph(graph: Path) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .speed import INT8_MIN_FEATURES
+    from .speed import INT8_MIN_FEATURES, int8_shape
 
     model = onnx.load(str(graph), load_external_data=False)  # shapes only: the weights are not needed here
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    # a MatMul's constant weight is (in, out), as int8_shape takes it
     take = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(shapes.get(n.input[1], ())) == 2
-            and min(shapes[n.input[1]]) >= INT8_MIN_FEATURES and shapes[n.input[1]][0] <= shapes[n.input[1]][1]]
+            and int8_shape(*shapes[n.input[1]])]
     if not take:
         raise LoraFtError(f"serve --backend onnx --dtype int8: {graph} has no MatMul with a constant weight at least "
                           f"{INT8_MIN_FEATURES} wide to quantize; serve it with --dtype float32")

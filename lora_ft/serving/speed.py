@@ -90,6 +90,12 @@ def mergeable(model, speed: Speed) -> bool:
     return speed.merge and not bnb_quantized(model)
 
 
+def int8_shape(in_features: int, out_features: int) -> bool:
+    """Whether int8 takes a weight of this shape: both sides at least INT8_MIN_FEATURES, and not narrowing (see
+    int8_layers). The torch path and the onnx one (onnx_backend.int8_graph) both ask here."""
+    return min(in_features, out_features) >= INT8_MIN_FEATURES and in_features <= out_features
+
+
 def int8_layers(model) -> set[str]:
     """Names of the Linear layers int8 takes: the base model's (inside peft's wrappers, their base_layer), both sides
     at least INT8_MIN_FEATURES and not narrowing, never a LoRA matrix or a modules_to_save copy."""
@@ -99,8 +105,7 @@ def int8_layers(model) -> set[str]:
     # outliers that one int8 scale per batch flattens. Measured on the SmolLM2 tweet classifier, 64 tweets, AVX2:
     # all Linear layers int8 changed 6 labels of 64, these kept fp32 changed 2, at about the same speed.
     return {name for name, mod in model.named_modules()
-            if type(mod) is torch.nn.Linear and min(mod.in_features, mod.out_features) >= INT8_MIN_FEATURES
-            and mod.in_features <= mod.out_features
+            if type(mod) is torch.nn.Linear and int8_shape(mod.in_features, mod.out_features)
             and not any(part.startswith("lora_") or part in ("modules_to_save", "original_module") for part in name.split("."))}
 
 
