@@ -70,6 +70,14 @@ def bf16_supported() -> bool:
     return precision()[0] == "bf16"
 
 
+def fill_bf16(trainer: dict) -> dict:
+    """lora_ft's precision default, filled into trainer keys that leave bf16 (and fp16) out: bf16 wherever the
+    hardware trains in it (precision()). Training and the memory estimate both read it from here."""
+    if "bf16" not in trainer and not trainer.get("fp16"):
+        trainer["bf16"] = bf16_supported()
+    return trainer
+
+
 def precision() -> tuple[str, str]:
     """(the precision lora_ft trains in when the recipe leaves bf16 out, why)."""
     import torch

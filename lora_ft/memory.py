@@ -73,10 +73,11 @@ def weight_bytes(args) -> int:
 
 def activation_bytes(trainer: dict) -> int:
     """Bytes per activation value: 2 where the run autocasts to bf16/fp16 (the recipe says so, or leaves bf16 out on
-    hardware lora_ft trains in bf16: train.resolve_hardware's rule), 4 in fp32 (CPUs without native bf16)."""
-    from . import hardware
+    hardware lora_ft trains in bf16), 4 in fp32 (CPUs without native bf16)."""
+    from .hardware import fill_bf16
 
-    return 2 if trainer.get("fp16") or trainer.get("bf16", hardware.bf16_supported()) else 4
+    t = fill_bf16(dict(trainer))
+    return 2 if t.get("bf16") or t.get("fp16") else 4
 
 
 def head_kind(task: str) -> str:
@@ -102,7 +103,8 @@ PAIRED_KINDS = ("paired-reference",)
 # The paired policy pass holds more per token than the 34 x hidden bytes per layer of a plain one. Fit (not broken
 # down) to benchmarks/memory_plan.py's dpo rows, SmolLM2-135M, batch 2 and 8 x 512, fp32 on an AVX2-only EPYC
 # (2026-12-02): measured 2,030 MiB a pair against 1,148 modeled. With it both rows are within 11%. Not fit: a full
-# bf16-autocast run on AMX peaked at 20.0 GB at batch 8 (benchmarks/results/dpo_hh.json), about 2x this estimate.
+# bf16-autocast run on AMX (recipes/smollm2_dpo.yaml, batch 8) held 14.8 GB after its first steps (this estimate
+# is 27% under), and grew to a 21.8 GB peak over the run (benchmarks/results/dpo_hh.json; growth not modeled).
 PAIRED_ACT_FACTOR = 1.75
 
 

@@ -14,9 +14,15 @@ def _plt():
     return plt
 
 
+def curve(log_history: list[dict], key: str) -> list[tuple]:
+    """(step, value) of `key` in the periodic logs. The trainer's end-of-training summary (train_runtime, ...) is left
+    out: trl folds the metrics of the steps since the last log into it, often one short last batch (3 pairs after
+    the 240 logged steps of benchmarks/dpo_hh.py's dpo row, accuracy 0.33), which would end each curve in a spike."""
+    return [(h["step"], h[key]) for h in log_history if key in h and "step" in h and "train_runtime" not in h]
+
+
 def plot_loss_curve(log_history: list[dict], path: Path) -> bool:
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    train, evals = curve(log_history, "loss"), curve(log_history, "eval_loss")
     if not train and not evals:
         return False
     plt = _plt()
@@ -39,7 +45,7 @@ def plot_preference_curves(log_history: list[dict], path: Path) -> bool:
     """Loss, implicit-reward accuracy and margin over steps, train and eval, as trl's preference trainers log them."""
     panels = [("loss", "loss", "eval_loss"), ("reward accuracy", "rewards/accuracies", "eval_rewards/accuracies"),
               ("reward margin", "rewards/margins", "eval_rewards/margins")]
-    series = [[[(h["step"], h[k]) for h in log_history if k in h and "step" in h] for k in keys] for _, *keys in panels]
+    series = [[curve(log_history, k) for k in keys] for _, *keys in panels]
     if not any(s for pair in series for s in pair):
         return False
     plt = _plt()

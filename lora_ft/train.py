@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import Recipe, save_recipe, trainer_args_class
 from .doctor import WARN, blocking, static_checks
 from .errors import LoraFtError, RecipeError, RunDirError, TrainingInterrupted
-from .hardware import bf16_supported, cuda_available, peak_memory_mb, reset_peak_memory
+from .hardware import cuda_available, fill_bf16, peak_memory_mb, reset_peak_memory
 from .modeling import (
     attach_peft,
     count_parameters,
@@ -28,8 +28,7 @@ from .trainers import CHECKPOINT_STAGE, RESUME_FILE, restore_checkpoints, save_m
 def resolve_hardware(recipe: Recipe) -> None:
     """Fill the machine-dependent keys the recipe left out: bf16 where the hardware has it, CPU when no GPU."""
     t = recipe.trainer
-    if "bf16" not in t and not t.get("fp16"):
-        t["bf16"] = bf16_supported()
+    fill_bf16(t)
     if "use_cpu" not in t:
         t["use_cpu"] = not cuda_available()
 
