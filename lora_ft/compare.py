@@ -87,17 +87,14 @@ def _best(runs: list[Run], key: str):
 
 
 def plot_pngs(runs: list[Run], diff: list[str]) -> dict[str, bytes]:
-    import matplotlib
+    from .plots import _plt, curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     pngs = {}
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for r in runs:
-        pts = [(h["step"], h["loss"]) for h in r.history if "loss" in h and "step" in h]
-        ev = [(h["step"], h["eval_loss"]) for h in r.history if "eval_loss" in h and "step" in h]
+        pts, ev = curve(r.history, "loss"), curve(r.history, "eval_loss")
         if pts:
             line, = ax.plot(*zip(*pts), label=f"{r.name} train")
             drawn = True
